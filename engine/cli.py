@@ -1,0 +1,285 @@
+"""The `engine` command: parse, call the library, render. No logic of its own.
+
+Every EngineError becomes one message (and a hint) on stderr and its own exit code; a traceback is
+shown only for a bug in the engine, and only with ENGINE_DEBUG=1.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import click
+
+from . import __version__
+from .errors import (EXIT_INTERNAL, EXIT_INVALID_RECIPE, EXIT_VERIFY_FAILED, EngineError, RecipeInvalid,
+                     VariantNotFound)
+from .paths import Locations, resolve
+
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False, soft_wrap=True)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="engine")
+@click.option("--registry", type=click.Path(dir_okay=False), envvar="ENGINE_REGISTRY",
+              help="Registry database. [env ENGINE_REGISTRY; default ./registry.db]")
+@click.option("--store", type=click.Path(file_okay=False), envvar="ENGINE_STORE",
+              help="Artifact store. [env ENGINE_STORE; default .engine/ beside the registry]")
+@click.pass_context
+def cli(ctx: click.Context, registry: str | None, store: str | None) -> None:
+    """Declarative YAML recipes for LLM quantization, with a model registry."""
+    ctx.obj = resolve(registry, store)
+
+
+@cli.command()
+@click.argument("files", nargs=-1, required=True, type=click.Path())
+def validate(files: tuple[str, ...]) -> None:
+    """Check recipes against the schema (and their runtime's) without running anything."""
+    from .recipe import load_recipe
+
+    bad = 0
+    for name in files:
+        try:
+            recipe = load_recipe(name)
+        except RecipeInvalid as error:
+            bad += 1
+            click.echo(error.message, err=True)
+            continue
+        click.echo(f"{name}: ok ({recipe.name}, runtime {recipe.runtime})")
+    if bad:
+        click.echo(f"{bad} of {len(files)} recipe(s) invalid", err=True)
+        sys.exit(EXIT_INVALID_RECIPE)
+
+
+@cli.command()
+@click.option("--runtime", help="Print this runtime's schema instead of the common one.")
+def schema(runtime: str | None) -> None:
+    """Print the recipe JSON Schema."""
+    from .recipe.schemas import load_schema, runtime_schema
+
+    doc = runtime_schema(runtime) if runtime else load_schema("recipe")
+    if doc is None:
+        raise EngineError(f"no schema for runtime '{runtime}'")
+    click.echo(json.dumps(doc, indent=2))
+
+
+@cli.command()
+@click.argument("recipes", nargs=-1, required=True, type=click.Path())
+@click.option("--dry-run", is_flag=True, help="Print the plan (cached or to build, per step) and stop.")
+@click.option("--force", is_flag=True, help="Rebuild even when the store has the artifact.")
+@click.pass_obj
+def apply(loc: Locations, recipes: tuple[str, ...], dry_run: bool, force: bool) -> None:
+    """Validate, plan, run the missing steps and register each recipe's variant."""
+    from .pipeline import apply as run_apply
+    from .recipe import load_recipe
+
+    loaded = [load_recipe(path) for path in recipes]  # every recipe valid before any work
+    for recipe in loaded:
+        with _progress(recipe.name) as progress:
+            result = run_apply(recipe, loc, force=force, dry_run=dry_run, progress=progress)
+        if dry_run:
+            _print_plan(result)
+        else:
+            _print_applied(result)
+
+
+def _print_plan(result) -> None:
+    click.echo(f"plan for {result.plan.recipe.name}:")
+    for step in result.plan.steps:
+        status = {"cached": "cached", "missing": "to build", "local": "local folder", "hub": "hub"}[step.status]
+        click.echo(f"  {step.kind:<7} {status:<12} {step.key[:16]}…  {step.detail}")
+
+
+def _print_applied(result) -> None:
+    v = result.variant
+    ref = f"{v['name']}@{v['version']}"
+    if result.rebuilt_nothing:
+        state = "registered (artifact was cached)" if result.created else "up to date"
+        click.echo(f"{ref}: {state}, nothing rebuilt ({result.seconds:.2f} s)")
+        return
+    built = ", ".join(f"{s.kind} {s.duration_s:.1f} s" for s in result.ran if not s.cached)
+    click.echo(f"{ref}: built ({built}) and registered, {v['size_bytes']:,} bytes")
+
+
+class _progress:
+    """A live spinner on a terminal; plain step lines otherwise (CI logs stay short)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.status = None
+
+    def __enter__(self):
+        if sys.stderr.isatty():
+            self.status = _console(stderr=True).status(f"{self.name}: planning")
+            self.status.__enter__()
+        return self.update
+
+    def update(self, message: str, detail: bool = False) -> None:
+        if self.status is not None:
+            self.status.update(f"{self.name}: {message}"[:160])
+        elif not detail:
+            click.echo(f"{self.name}: {message}", err=True)
+
+    def __exit__(self, *exc) -> None:
+        if self.status is not None:
+            self.status.__exit__(*exc)
+
+
+@cli.command("ls")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (stable keys).")
+@click.option("--all", "all_versions", is_flag=True, help="Every version, not only the latest.")
+@click.pass_obj
+def ls_cmd(loc: Locations, as_json: bool, all_versions: bool) -> None:
+    """List the registered variants."""
+    from .render import ls_row, ls_table
+
+    rows = (_with_registry(loc, lambda reg: reg.variants(all_versions=all_versions))
+            if loc.registry.exists() else [])
+    if as_json:
+        click.echo(json.dumps([ls_row(r) for r in rows], indent=2))
+    elif not rows:
+        click.echo(f"no variants in {loc.registry}; run `engine apply RECIPE.yaml`", err=True)
+    else:
+        _console().print(ls_table(rows))
+
+
+@cli.command()
+@click.argument("ref")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def show(loc: Locations, ref: str, as_json: bool) -> None:
+    """Everything recorded about one variant (NAME or NAME@VERSION)."""
+    from .render import show_doc, show_text
+
+    def collect(reg):
+        row = reg.get(ref)
+        return show_doc(row, reg.files(row["artifact_key"]), reg.steps(row["id"]))
+
+    doc = _with_registry(loc, collect)
+    if as_json:
+        click.echo(json.dumps(doc, indent=2))
+        return
+    console = _console()
+    for part in show_text(doc):
+        console.print(part)
+        console.print()
+
+
+@cli.command()
+@click.argument("ref", required=False)
+@click.pass_obj
+def verify(loc: Locations, ref: str | None) -> None:
+    """Re-hash artifact files against the registry; exit 4 naming what is missing or changed."""
+    from .store import Store
+    from .verify import verify_variant
+
+    def run(reg):
+        rows = [reg.get(ref)] if ref else reg.variants(all_versions=True)
+        return [verify_variant(reg, Store(loc.store), row) for row in rows]
+
+    reports = _with_registry(loc, run)
+    failed = [r for r in reports if not r.ok]
+    for report in reports:
+        click.echo(f"{report.variant}: {'ok' if report.ok else 'FAILED'} ({report.checked} files)")
+        for problem in report.problems:
+            click.echo(f"  {problem}", err=True)
+    if failed:
+        click.echo(f"{len(failed)} of {len(reports)} variant(s) failed verification", err=True)
+        sys.exit(EXIT_VERIFY_FAILED)
+
+
+@cli.command()
+@click.argument("ref")
+@click.pass_obj
+def rm(loc: Locations, ref: str) -> None:
+    """Remove NAME (every version) or NAME@VERSION from the registry; `engine gc` frees the files."""
+    rows = _with_registry(loc, lambda reg: reg.remove(ref))
+    for row in rows:
+        click.echo(f"removed {row['name']}@{row['version']}")
+    click.echo("run `engine gc` to delete store entries no variant uses any more", err=True)
+
+
+@cli.command()
+@click.option("--dry-run", is_flag=True, help="Only list what would be deleted.")
+@click.pass_obj
+def gc(loc: Locations, dry_run: bool) -> None:
+    """Delete store entries that no registered variant references."""
+    from .render import human_size
+    from .store import Store
+
+    store = Store(loc.store)
+    keep = _with_registry(loc, lambda reg: reg.referenced_keys()) if loc.registry.exists() else set()
+    freed = 0
+    for key in store.keys():
+        if key in keep:
+            continue
+        entry = store.get(key)
+        size = entry.size if entry else 0
+        if not dry_run:
+            with store.lock(key):
+                store.remove(key)
+        freed += size
+        click.echo(f"{'would delete' if dry_run else 'deleted'} {key[:16]}… ({human_size(size)})")
+    if not dry_run:
+        store.sweep_staging()
+    click.echo(f"{'would free' if dry_run else 'freed'} {human_size(freed)}")
+
+
+def _with_registry(loc: Locations, fn):
+    """Run fn(registry); reading commands never create a registry file as a side effect."""
+    from .registry import Registry
+
+    if not loc.registry.exists():
+        raise VariantNotFound(f"no registry at {loc.registry}",
+                              hint="run `engine apply RECIPE.yaml` first, or pass --registry / set ENGINE_REGISTRY")
+    reg = Registry(loc.registry)
+    try:
+        return fn(reg)
+    finally:
+        reg.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: map errors to one message and an exit code."""
+    debug = os.environ.get("ENGINE_DEBUG") not in (None, "", "0")
+    try:
+        cli.main(args=argv, prog_name="engine", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except click.ClickException as error:
+        error.show()
+        sys.exit(error.exit_code)
+    except click.exceptions.Exit as done:
+        sys.exit(done.exit_code)
+    except RecipeInvalid as error:
+        if debug:
+            raise
+        click.echo(error.message, err=True)
+        n = len(error.issues)
+        click.echo(f"recipe invalid: {n} problem{'s' if n != 1 else ''}", err=True)
+        sys.exit(error.exit_code)
+    except EngineError as error:
+        if debug:
+            raise
+        click.echo(f"error: {error.message}", err=True)
+        if error.hint:
+            click.echo(f"hint: {error.hint}", err=True)
+        sys.exit(error.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted; nothing half-written was kept", err=True)
+        sys.exit(130)
+    except Exception as error:  # a bug in the engine, not the user's mistake
+        if debug:
+            raise
+        click.echo(f"internal error: {type(error).__name__}: {error}", err=True)
+        click.echo("hint: set ENGINE_DEBUG=1 for the traceback, and please report it", err=True)
+        sys.exit(EXIT_INTERNAL)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

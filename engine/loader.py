@@ -1,0 +1,41 @@
+"""engine.load(): a registry name -> a ready model of the right runtime."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .errors import VerificationFailed
+from .paths import resolve
+from .registry import Registry
+from .runtimes import Model, get_runtime
+from .store import Store
+from .verify import verify_variant
+
+
+def load(ref: str, *, verify: bool = False, registry: str | Path | None = None,
+         store: str | Path | None = None, **options: Any) -> Model:
+    """Load variant NAME (latest version) or NAME@VERSION.
+
+    verify=True re-hashes every file against the registry first and refuses on any difference.
+    Extra keyword options go to the runtime's loader.
+    """
+    locations = resolve(registry, store)
+    reg = Registry(locations.registry)
+    try:
+        row = reg.get(ref)
+        st = Store(locations.store)
+        if verify:
+            report = verify_variant(reg, st, row)
+            if not report.ok:
+                raise VerificationFailed(
+                    f"{report.variant} does not match the registry; refusing to load",
+                    report.problems, hint="`engine verify` lists every difference; re-apply the recipe with --force to rebuild",
+                )
+    finally:
+        reg.close()
+    artifact_dir = st.entry_path(row["artifact_key"]) / "files"
+    if not artifact_dir.is_dir():
+        raise VerificationFailed(f"{row['name']}@{row['version']}: artifact folder is missing: {artifact_dir}",
+                                 [str(artifact_dir)], hint="re-apply its recipe to rebuild it")
+    info = {**row, "artifact_dir": str(artifact_dir)}
+    return get_runtime(row["runtime"]).load(artifact_dir, info, **options)

@@ -1,0 +1,95 @@
+"""Turn registry rows into tables for people and stable JSON for scripts."""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+#: keys of `engine ls --json` rows, in order; adding keys is fine, renaming is a breaking change
+LS_KEYS = ("name", "version", "runtime", "device", "weight_dtype", "group_size", "scheme",
+           "algorithm", "size_bytes", "created", "description", "source_kind", "artifact_key")
+
+
+def human_size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if size < 1000 or unit == "TB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{n} B"
+
+
+def ls_row(row: dict) -> dict:
+    out = {key: row.get(key) for key in LS_KEYS}
+    out["source"] = json.loads(row["source_json"])["identity"] if row.get("source_json") else None
+    return out
+
+
+def show_doc(row: dict, files: list[dict], steps: list[dict]) -> dict[str, Any]:
+    """Everything recorded about one variant, as one JSON document."""
+    doc = {key: row.get(key) for key in LS_KEYS}
+    doc.update(
+        engine_version=row.get("engine_version"),
+        recipe_path=row.get("recipe_path"),
+        recipe_sha256=row.get("recipe_sha256"),
+        recipe=json.loads(row["recipe_json"]),
+        recipe_text=row.get("recipe_text"),
+        source=json.loads(row["source_json"]),
+        steps=[{
+            "kind": s["kind"], "key": s["key"], "cached": bool(s["cached"]),
+            "duration_s": s["duration_s"], "params": json.loads(s["params_json"]),
+            "versions": json.loads(s["versions_json"]), "finished": s["finished"],
+        } for s in steps],
+        files=files,
+    )
+    return doc
+
+
+def ls_table(rows: list[dict]):
+    from rich.table import Table
+
+    table = Table(box=None, header_style="bold")
+    for col in ("name", "ver", "runtime", "device", "dtype", "group", "scheme", "algo", "size", "created"):
+        table.add_column(col, justify="right" if col in ("ver", "group", "size") else "left")
+    for r in rows:
+        group = "-" if r["weight_dtype"] in ("fp16", "bf16", "fp32") else str(r["group_size"])
+        table.add_row(r["name"], str(r["version"]), r["runtime"], r["device"], r["weight_dtype"] or "-",
+                      group, r["scheme"] or "-", r["algorithm"] or "-", human_size(r["size_bytes"]),
+                      (r["created"] or "").replace("T", " ").rstrip("Z"))
+    return table
+
+
+def show_text(doc: dict) -> list:
+    """Renderables for `engine show`."""
+    from rich.table import Table
+
+    head = Table.grid(padding=(0, 2))
+    head.add_column(style="bold")
+    head.add_column()
+    source = doc["source"]
+    for key, value in (
+        ("variant", f"{doc['name']}@{doc['version']}"),
+        ("description", doc["description"] or "-"),
+        ("created", doc["created"]),
+        ("runtime", f"{doc['runtime']} on {doc['device']}"),
+        ("quantization", json.dumps(doc["recipe"].get("quantization", {}), sort_keys=True)),
+        ("target options", json.dumps(doc["recipe"]["target"].get("options", {}), sort_keys=True)),
+        ("source", f"{source['kind']}: " + json.dumps(source["identity"], sort_keys=True)),
+        ("recipe", f"{doc['recipe_path'] or '-'} (sha256 {doc['recipe_sha256'][:16]}…)"),
+        ("artifact", f"{doc['artifact_key']}  {human_size(doc['size_bytes'])} in {len(doc['files'])} files"),
+        ("engine", doc["engine_version"]),
+    ):
+        head.add_row(key, str(value))
+    steps = Table(title="steps", box=None, header_style="bold", title_justify="left")
+    for col in ("step", "cached", "seconds", "key", "versions"):
+        steps.add_column(col)
+    for s in doc["steps"]:
+        versions = ", ".join(f"{k} {v}" for k, v in sorted(s["versions"].items())) or "-"
+        steps.add_row(s["kind"], "yes" if s["cached"] else "no", f"{s['duration_s']:.2f}", s["key"][:16] + "…", versions)
+    files = Table(title="files", box=None, header_style="bold", title_justify="left")
+    for col in ("path", "size", "sha256"):
+        files.add_column(col, justify="right" if col == "size" else "left")
+    for f in doc["files"]:
+        files.add_row(f["path"], human_size(f["size"]), f["sha256"])
+    return [head, steps, files]

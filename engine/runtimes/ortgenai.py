@@ -1,0 +1,147 @@
+"""Runtime `onnxruntime-genai`: the ONNX Runtime GenAI model builder, loaded with onnxruntime_genai.
+
+The builder runs as a child process (`python -m onnxruntime_genai.models.builder`) with a scratch
+cache inside the step's staging folder, offline, and its output goes to the step's build log.
+"""
+from __future__ import annotations
+
+import re
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from ..errors import BuildFailed, RuntimeUnavailable
+from ..subproc import run_logged
+from .base import Model, Progress, Runtime
+
+_PRECISION = {"int4": "int4", "int4_clip": "int4", "int8": "int8", "fp16": "fp16", "fp32": "fp32"}
+_ACCURACY_LEVEL = {"fp32": 1, "fp16": 2, "bf16": 3, "int8": 4}
+_DEVICE_PACKAGES = {"cuda": "onnxruntime-genai-cuda", "dml": "onnxruntime-genai-directml"}
+
+
+def module_to_node(module: str) -> str:
+    """PyTorch module name -> the builder's MatMul node name (lm_head -> /lm_head/MatMul)."""
+    parts = module.split(".")
+    out: list[str] = []
+    for part in parts:  # the builder writes "layers.3" as one path element
+        if part.isdigit() and out:
+            out[-1] = f"{out[-1]}.{part}"
+        else:
+            out.append(part)
+    return "/" + "/".join(out) + "/MatMul"
+
+
+class OrtGenAIRuntime(Runtime):
+    name = "onnxruntime-genai"
+    step_version = 1
+    distributions = ("onnxruntime-genai", "onnxruntime", "onnx", "onnx-ir", "transformers", "torch")
+
+    def build_params(self, recipe: dict, base_dir: Path) -> dict:
+        quant, target = recipe.get("quantization", {}), recipe["target"]
+        precision = _PRECISION[quant["weight_dtype"]]
+        params: dict[str, Any] = {"precision": precision, "execution_provider": target["device"]}
+        if precision in ("int4", "int8"):
+            options = target.get("options", {})
+            params.update(
+                block_size=quant["group_size"],
+                is_symmetric=quant["scheme"] == "sym",
+                accuracy_level=options.get("accuracy_level", _ACCURACY_LEVEL[quant["compute_dtype"]]),
+                nodes_to_exclude=sorted(module_to_node(m) for m in quant["skip_modules"]),
+            )
+        return params
+
+    def check_available(self, recipe: dict) -> None:
+        device = recipe["target"]["device"]
+        package = _DEVICE_PACKAGES.get(device)
+        if package is None:
+            return
+        try:
+            metadata.version(package)
+        except metadata.PackageNotFoundError:
+            raise RuntimeUnavailable(
+                f"target.device '{device}' needs the package '{package}', which is not installed here",
+                hint=f"pip install {package} on a machine with that device, or use `device: cpu`",
+            ) from None
+
+    def build(self, source_dir: Path, out_dir: Path, params: dict, logs_dir: Path,
+              progress: Progress) -> dict:
+        extra = ["hf_token=false"]
+        if "block_size" in params:
+            extra += [
+                f"block_size={params['block_size']}",
+                f"is_symmetric={str(params['is_symmetric']).lower()}",
+                f"accuracy_level={params['accuracy_level']}",
+            ]
+            if params["nodes_to_exclude"]:
+                extra.append("nodes_to_exclude=" + ",".join(params["nodes_to_exclude"]))
+        scratch = out_dir.parent / "scratch"
+        log = logs_dir / "build.log"
+        cmd = [
+            sys.executable, "-m", "onnxruntime_genai.models.builder",
+            "-i", str(source_dir), "-o", str(out_dir),
+            "-p", params["precision"], "-e", params["execution_provider"],
+            "-c", str(scratch), "--extra_options", *extra,
+        ]
+        run_logged(cmd, log, env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
+                   on_line=progress, what="onnxruntime-genai model builder")
+        _check_exclusions(log, params.get("nodes_to_exclude", []))
+        return {"builder_args": cmd[3:]}
+
+    def load(self, artifact_dir: Path, info: dict, **options: Any) -> Model:
+        import onnxruntime_genai as og
+
+        model = og.Model(str(artifact_dir))
+        return OrtGenAIModel(info, model, og.Tokenizer(model), og)
+
+
+def _check_exclusions(log: Path, nodes: list[str]) -> None:
+    """A skip_modules entry that matched no node would silently quantize everything: refuse."""
+    if not nodes:
+        return
+    text = log.read_text(encoding="utf-8", errors="replace")
+    missing = [n for n in nodes if f"exclude to quantize {n} " not in text]
+    if missing:
+        seen = sorted(set(re.findall(r"quantize (/\S+/MatMul)", text)))
+        raise BuildFailed(
+            "quantization.skip_modules matched no layer for: " + ", ".join(missing),
+            hint="quantizable layers in this model: " + ", ".join(seen[:12]) + (" ..." if len(seen) > 12 else ""),
+        )
+
+
+class OrtGenAIModel(Model):
+    def __init__(self, info: dict, model: Any, tokenizer: Any, og: Any) -> None:
+        super().__init__(info, model)
+        self.tokenizer = tokenizer
+        self._og = og
+
+    def generate(self, prompt: str, max_new_tokens: int = 64, *, do_sample: bool = False,
+                 temperature: float | None = None, top_p: float | None = None,
+                 top_k: int | None = None, repetition_penalty: float | None = None,
+                 seed: int | None = None) -> str:
+        tokens = self.tokenizer.encode(prompt)
+        params = self._og.GeneratorParams(self.native)
+        search: dict[str, Any] = {"max_length": len(tokens) + max_new_tokens, "do_sample": do_sample}
+        for key, value in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k),
+                           ("repetition_penalty", repetition_penalty), ("random_seed", seed)):
+            if value is not None:
+                search[key] = value
+        params.set_search_options(**search)
+        generator = self._og.Generator(self.native, params)
+        generator.append_tokens(tokens)
+        new: list[int] = []
+        while not generator.is_done() and len(new) < max_new_tokens:
+            generator.generate_next_token()
+            new.append(int(generator.get_next_tokens()[0]))
+        eos = self._eos_ids()
+        return self.tokenizer.decode([t for t in new if t not in eos])
+
+    def _eos_ids(self) -> set[int]:
+        import json
+
+        try:
+            config = json.loads((Path(self.info["artifact_dir"]) / "genai_config.json").read_text())
+            eos = config["model"]["eos_token_id"]
+        except (OSError, KeyError, ValueError):
+            return set()
+        return set(eos) if isinstance(eos, list) else {eos}

@@ -1,0 +1,204 @@
+"""Content-addressed artifact store: nothing half-written ever looks complete.
+
+Layout (pinned by tests/test_store.py)::
+
+    <root>/
+      artifacts/<key>/manifest.json   # written last inside staging; present => entry complete
+      artifacts/<key>/files/...       # the payload a runtime loads
+      artifacts/<key>/logs/...        # build logs (not hashed, not part of the payload)
+      staging/<key>.<pid>.<token>/    # a build in progress; never read by anyone else
+      trash/                          # entries being replaced or removed
+      locks/<key>.lock                # one builder per key at a time (flock)
+      state.db                        # stat cache: (path, size, mtime_ns, inode) -> sha256
+
+A build writes into its own staging folder; `commit` hashes the payload, writes the manifest and
+renames the folder into `artifacts/` in one `os.replace`. A crash or `kill -9` at any point leaves
+either no entry or a complete one; stale staging folders are swept by the next run.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import secrets
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from .hashing import StatCache, tree_manifest
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A committed store entry."""
+
+    key: str
+    root: Path
+    manifest: dict
+
+    @property
+    def files_dir(self) -> Path:
+        return self.root / "files"
+
+    @property
+    def size(self) -> int:
+        return sum(f["size"] for f in self.manifest["files"])
+
+
+@dataclass(frozen=True)
+class Staging:
+    """A private folder a step writes into before it is committed."""
+
+    key: str
+    root: Path
+
+    @property
+    def files_dir(self) -> Path:
+        return self.root / "files"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.root / "logs"
+
+
+class Store:
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).absolute()
+
+    # -- paths ---------------------------------------------------------------------------------
+    def _dir(self, name: str) -> Path:
+        path = self.root / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def entry_path(self, key: str) -> Path:
+        return self.root / "artifacts" / key
+
+    def stat_cache(self) -> StatCache:
+        self.root.mkdir(parents=True, exist_ok=True)
+        return StatCache(self.root / "state.db")
+
+    # -- reading -------------------------------------------------------------------------------
+    def get(self, key: str) -> Entry | None:
+        """The committed entry for `key`, or None. A corrupt manifest is a miss, not an error."""
+        root = self.entry_path(key)
+        try:
+            manifest = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if not isinstance(manifest, dict) or manifest.get("key") != key:
+            return None
+        return Entry(key, root, manifest)
+
+    def keys(self) -> list[str]:
+        folder = self.root / "artifacts"
+        return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+
+    # -- writing -------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self, key: str) -> Iterator[None]:
+        """Hold the build lock for `key`; a second process waits here, then finds the entry."""
+        path = self._dir("locks") / f"{key}.lock"
+        with open(path, "a+") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    @contextlib.contextmanager
+    def staging(self, key: str) -> Iterator[Staging]:
+        """A fresh private folder; removed on the way out unless it was committed."""
+        self.sweep_staging()
+        root = self._dir("staging") / f"{key}.{os.getpid()}.{secrets.token_hex(4)}"
+        stage = Staging(key, root)
+        stage.files_dir.mkdir(parents=True)
+        stage.logs_dir.mkdir()
+        try:
+            yield stage
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+
+    def commit(self, stage: Staging, kind: str, meta: dict) -> Entry:
+        """Hash the payload, write the manifest, and publish the entry with one rename."""
+        files = tree_manifest(stage.files_dir, None)
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "key": stage.key,
+            "kind": kind,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "meta": meta,
+            "files": files,
+        }
+        _write_durably(stage.root / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
+        target = self.entry_path(stage.key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists():  # --force: move the old entry aside, then swap the new one in
+            self._discard(target)
+        os.replace(stage.root, target)
+        _fsync_dir(target.parent)
+        return Entry(stage.key, target, manifest)
+
+    def remove(self, key: str) -> bool:
+        target = self.entry_path(key)
+        if not target.exists():
+            return False
+        self._discard(target)
+        return True
+
+    def _discard(self, path: Path) -> None:
+        trash = self._dir("trash") / f"{path.name}.{secrets.token_hex(4)}"
+        os.replace(path, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def sweep_staging(self) -> list[Path]:
+        """Remove staging folders whose owning process is gone (left by a crash or kill -9)."""
+        removed = []
+        folder = self.root / "staging"
+        if not folder.is_dir():
+            return removed
+        for path in folder.iterdir():
+            pid = _owner_pid(path.name)
+            if pid is None or not _alive(pid):
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+        shutil.rmtree(self.root / "trash", ignore_errors=True)
+        return removed
+
+
+def _owner_pid(name: str) -> int | None:
+    parts = name.rsplit(".", 2)
+    return int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else None
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _write_durably(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
