@@ -1,0 +1,88 @@
+"""The registry on a real SQLite file: versions, lookups, one-transaction writes, migrations."""
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from engine.errors import VariantNotFound
+from engine.registry import Registry, StepRecord, migrations, parse_ref
+
+
+@dataclass
+class FakeRecipe:  # only the attributes register() reads; a real Recipe is used in the e2e tests
+    name: str
+    path: Path | None = None
+    text: str = "name: x\n"
+
+
+def _register(reg, name="m", key="a" * 64, description="", group_size=32):
+    data = {"name": name, "description": description,
+            "quantization": {"weight_dtype": "int4", "group_size": group_size, "scheme": "sym", "algorithm": "rtn"},
+            "target": {"runtime": "onnxruntime-genai", "device": "cpu"}}
+    return reg.register(
+        recipe=FakeRecipe(name), recipe_json=data,
+        source={"kind": "path", "key": "s" * 64, "identity": {"tree_digest": "t"}, "description": {}},
+        artifact={"key": key, "kind": "build", "runtime": "onnxruntime-genai", "created": "now", "size_bytes": 3},
+        files=[{"path": "model.onnx", "size": 3, "sha256": "h"}],
+        steps=[StepRecord("source", "s" * 64, True, 0.0, {}, {}), StepRecord("build", key, False, 1.5, {"p": 1}, {"onnx": "1"})],
+        engine_version="test",
+    )
+
+
+def test_versions_and_refs(tmp_path):
+    reg = Registry(tmp_path / "registry.db")
+    row, created = _register(reg)
+    assert created and row["version"] == 1
+    row, created = _register(reg)  # same artifact: nothing new
+    assert not created and row["version"] == 1
+    row, created = _register(reg, description="now described")  # description only: updated in place
+    assert not created and row["version"] == 1 and reg.get("m")["description"] == "now described"
+    row, created = _register(reg, key="b" * 64, group_size=128)
+    assert created and row["version"] == 2
+    assert reg.get("m")["version"] == 2 and reg.get("m@1")["group_size"] == 32
+    assert [s["kind"] for s in reg.steps(row["id"])] == ["source", "build"]
+    assert reg.files("b" * 64)[0]["sha256"] == "h"
+    assert reg.referenced_keys() == {"a" * 64, "b" * 64, "s" * 64}
+
+
+def test_not_found_suggests(tmp_path):
+    reg = Registry(tmp_path / "registry.db")
+    _register(reg, name="phi35-int4-cpu")
+    with pytest.raises(VariantNotFound) as info:
+        reg.get("phi35-int4-cpi")
+    assert "phi35-int4-cpu" in info.value.hint
+    with pytest.raises(VariantNotFound):
+        reg.get("phi35-int4-cpu@7")
+    with pytest.raises(VariantNotFound):
+        parse_ref("Bad Name")
+
+
+def test_remove_version_and_orphans(tmp_path):
+    reg = Registry(tmp_path / "registry.db")
+    _register(reg)
+    _register(reg, key="b" * 64)
+    assert [r["version"] for r in reg.remove("m@1")] == [1]
+    assert reg.files("a" * 64) == []  # artifact rows nobody references are dropped
+    assert reg.get("m")["version"] == 2
+    reg.remove("m")
+    with pytest.raises(VariantNotFound):
+        reg.get("m")
+
+
+def test_migrations_recorded_and_idempotent(tmp_path):
+    Registry(tmp_path / "registry.db").close()
+    reg = Registry(tmp_path / "registry.db")  # reopening applies nothing new
+    assert migrations.pending(reg.db) == []
+    names = [r[0] for r in sqlite3.connect(tmp_path / "registry.db").execute(
+        "select name from _sqlite_migrations where migration_set = 'engine.registry'")]
+    assert names == ["m001_initial"]
+
+
+def test_failed_write_leaves_nothing(tmp_path):
+    reg = Registry(tmp_path / "registry.db")
+    with pytest.raises(TypeError):
+        reg.register(recipe=FakeRecipe("m"), recipe_json={"target": {"runtime": "x"}}, source=None,
+                     artifact={"key": "a" * 64, "kind": "build", "created": "now", "size_bytes": 1},
+                     files=[], steps=[], engine_version="t")
+    assert reg.variants() == [] and list(reg.db.query("select * from artifacts")) == []
