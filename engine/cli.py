@@ -18,9 +18,11 @@ from .paths import Locations, resolve
 
 
 def _console(stderr: bool = False):
+    """A rich console; piped output gets a wide fixed width so tables never wrap mid-row."""
     from rich.console import Console
 
-    return Console(stderr=stderr, highlight=False, soft_wrap=True)
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(stderr=stderr, highlight=False, width=None if stream.isatty() else 200)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -2,59 +2,28 @@
 
 A variant row is written last, in the same transaction as its artifact and step rows: the row is
 the commit marker, so a crash before it leaves nothing registered. Schema changes go through
-`sqlite_utils.Migrations`, so an old registry.db upgrades in place.
+`sqlite_utils.Migrations` (engine/registry_schema.py), so an old registry.db upgrades in place.
+Reads use the stdlib sqlite3 module; sqlite-utils is imported only to write.
 """
 from __future__ import annotations
 
 import json
 import re
+import sqlite3
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-import sqlite_utils
-from sqlite_utils.migrations import Migrations
-
 from .errors import EngineError, VariantNotFound
 
-migrations = Migrations("engine.registry")
+#: names of the migrations in engine/registry_schema.py, in order (a test keeps the two in step);
+#: checking them with plain SQL keeps sqlite-utils (and the numpy it imports) off read-only paths
+MIGRATIONS = ("m001_initial",)
+MIGRATION_SET = "engine.registry"
 
 _REF = re.compile(r"^(?P<name>[a-z0-9][a-z0-9._-]*)(?:@(?P<version>[0-9]+))?$")
-
-
-@migrations()
-def m001_initial(db: sqlite_utils.Database) -> None:
-    db["variants"].create(
-        {
-            "id": int, "name": str, "version": int, "created": str, "description": str,
-            "runtime": str, "device": str, "weight_dtype": str, "group_size": int,
-            "scheme": str, "algorithm": str,
-            "recipe_path": str, "recipe_text": str, "recipe_sha256": str, "recipe_json": str,
-            "source_kind": str, "source_key": str, "source_json": str,
-            "artifact_key": str, "size_bytes": int, "engine_version": str,
-        },
-        pk="id",
-        not_null={"name", "version", "artifact_key"},
-    )
-    db["variants"].create_index(["name", "version"], unique=True)
-    db["artifacts"].create(
-        {"key": str, "kind": str, "runtime": str, "created": str, "size_bytes": int,
-         "file_count": int, "meta_json": str},
-        pk="key",
-    )
-    db["files"].create(
-        {"artifact_key": str, "path": str, "size": int, "sha256": str},
-        pk=("artifact_key", "path"),
-        foreign_keys=[("artifact_key", "artifacts", "key")],
-    )
-    db["steps"].create(
-        {"id": int, "variant_id": int, "position": int, "kind": str, "key": str,
-         "cached": int, "duration_s": float, "params_json": str, "versions_json": str,
-         "finished": str},
-        pk="id",
-        foreign_keys=[("variant_id", "variants", "id")],
-    )
 
 
 @dataclass(frozen=True)
@@ -88,40 +57,60 @@ class Registry:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite_utils.Database(self.path)
-        self.db.execute("PRAGMA busy_timeout = 30000")
-        self.db.execute("PRAGMA journal_mode = WAL")
-        self.db.execute("PRAGMA foreign_keys = ON")
-        if migrations.pending(self.db):
-            with _exclusive(self.db):
+        self.conn = sqlite3.connect(self.path, timeout=30)
+        self.conn.execute("PRAGMA journal_mode = WAL")
+        self.conn.execute("PRAGMA foreign_keys = ON")
+        if self._pending_migrations():
+            from .registry_schema import migrations
+
+            with _exclusive(self.conn):
                 migrations.apply(self.db)
 
+    @cached_property
+    def db(self):
+        """sqlite-utils over the same connection, for writes."""
+        import sqlite_utils
+
+        return sqlite_utils.Database(self.conn)
+
+    def _pending_migrations(self) -> bool:
+        try:
+            rows = self.query("select name from _sqlite_migrations where migration_set = ?", [MIGRATION_SET])
+        except sqlite3.OperationalError:  # no migrations table: a new file
+            return True
+        return not set(MIGRATIONS) <= {r["name"] for r in rows}
+
+    def query(self, sql: str, params: list | tuple = ()) -> list[dict]:
+        cursor = self.conn.cursor()
+        cursor.row_factory = _dict_row  # per cursor: sqlite-utils shares the connection and wants tuples
+        return cursor.execute(sql, params).fetchall()
+
     def close(self) -> None:
-        self.db.close()
+        self.conn.close()
 
     # -- reading -------------------------------------------------------------------------------
     def get(self, ref: str) -> dict:
         """The variant row for NAME (latest version) or NAME@V; VariantNotFound otherwise."""
         name, version = parse_ref(ref)
         if version is None:
-            rows = list(self.db.query(
+            rows = (self.query(
                 "select * from variants where name = ? order by version desc limit 1", [name]))
         else:
-            rows = list(self.db.query(
+            rows = (self.query(
                 "select * from variants where name = ? and version = ?", [name, version]))
         if rows:
             return rows[0]
-        known = [r["name"] for r in self.db.query("select distinct name from variants order by name")]
+        known = [r["name"] for r in self.query("select distinct name from variants order by name")]
         raise VariantNotFound(f"no variant '{ref}' in {self.path}", hint=_suggest(name, known))
 
     def latest(self, name: str) -> dict | None:
-        rows = list(self.db.query(
+        rows = (self.query(
             "select * from variants where name = ? order by version desc limit 1", [name]))
         return rows[0] if rows else None
 
     def variants(self, name: str | None = None, all_versions: bool = False) -> list[dict]:
         where, params = ("where name = ?", [name]) if name else ("", [])
-        rows = list(self.db.query(f"select * from variants {where} order by name, version", params))
+        rows = (self.query(f"select * from variants {where} order by name, version", params))
         if all_versions:
             return rows
         latest: dict[str, dict] = {}
@@ -130,32 +119,37 @@ class Registry:
         return list(latest.values())
 
     def files(self, artifact_key: str) -> list[dict]:
-        return list(self.db.query(
+        return (self.query(
             "select path, size, sha256 from files where artifact_key = ? order by path", [artifact_key]))
 
     def steps(self, variant_id: int) -> list[dict]:
-        return list(self.db.query(
+        return (self.query(
             "select * from steps where variant_id = ? order by position", [variant_id]))
 
     def referenced_keys(self) -> set[str]:
-        rows = self.db.query("select key from steps union select artifact_key from variants")
+        rows = self.query("select key from steps union select artifact_key from variants")
         return {row["key"] for row in rows}
 
     # -- writing -------------------------------------------------------------------------------
     def register(self, *, recipe: Any, recipe_json: dict, source: dict, artifact: dict,
-                 files: list[dict], steps: list[StepRecord], engine_version: str) -> tuple[dict, bool]:
+                 files: list[dict], steps: list[StepRecord], engine_version: str,
+                 rebuilt: bool = True) -> tuple[dict, bool]:
         """Record a variant in one transaction; returns (row, created).
 
         A new version is added only when the artifact differs from the latest version's; applying
         the same recipe again (or one that differs only in its description) adds nothing.
+        `rebuilt=False` says the artifact came from the store unchanged, so its file rows stand.
         """
-        with _exclusive(self.db):
+        with _exclusive(self.conn):
             latest = self.latest(recipe.name)
-            self._upsert_artifact(artifact, files)
             if latest and latest["artifact_key"] == artifact["key"]:
+                if rebuilt:
+                    self._upsert_artifact(artifact, files)
                 if latest["description"] != recipe_json.get("description", ""):
-                    self.db["variants"].update(latest["id"], {"description": recipe_json.get("description", "")})
+                    self.conn.execute("update variants set description = ? where id = ?",
+                                      [recipe_json.get("description", ""), latest["id"]])
                 return self.get(f"{latest['name']}@{latest['version']}"), False
+            self._upsert_artifact(artifact, files)
             quant, target = recipe_json.get("quantization", {}), recipe_json["target"]
             row = {
                 "name": recipe.name,
@@ -187,7 +181,7 @@ class Registry:
                  "versions_json": json.dumps(s.versions, sort_keys=True), "finished": _now()}
                 for i, s in enumerate(steps)
             )
-            return self.db["variants"].get(variant_id), True
+            return self.query("select * from variants where id = ?", [variant_id])[0], True
 
     def _upsert_artifact(self, artifact: dict, files: list[dict]) -> None:
         """Artifact rows mirror the store manifest (a --force rebuild may change the bytes)."""
@@ -211,31 +205,35 @@ class Registry:
             rows = [r for r in rows if r["version"] == version]
         if not rows:
             self.get(ref)  # raises VariantNotFound with a suggestion
-        with _exclusive(self.db):
+        with _exclusive(self.conn):
             for row in rows:
-                self.db.execute("delete from steps where variant_id = ?", [row["id"]])
-                self.db.execute("delete from variants where id = ?", [row["id"]])
+                self.conn.execute("delete from steps where variant_id = ?", [row["id"]])
+                self.conn.execute("delete from variants where id = ?", [row["id"]])
             self._drop_orphan_artifacts()
         return rows
 
     def _drop_orphan_artifacts(self) -> None:
-        self.db.execute(
+        self.conn.execute(
             "delete from files where artifact_key not in (select artifact_key from variants)")
-        self.db.execute(
+        self.conn.execute(
             "delete from artifacts where key not in (select artifact_key from variants)")
 
 
 class _exclusive:
     """BEGIN IMMEDIATE ... COMMIT: writers queue on the busy timeout instead of failing."""
 
-    def __init__(self, db: sqlite_utils.Database) -> None:
-        self.conn = db.conn
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
 
     def __enter__(self) -> None:
         self.conn.execute("BEGIN IMMEDIATE")
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.conn.execute("ROLLBACK" if exc_type else "COMMIT")
+
+
+def _dict_row(cursor: sqlite3.Cursor, row: tuple) -> dict:
+    return {col[0]: value for col, value in zip(cursor.description, row)}
 
 
 def _sha256_text(text: str) -> str:

@@ -4,9 +4,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import sqlite_utils
 
 from engine.errors import VariantNotFound
-from engine.registry import Registry, StepRecord, migrations, parse_ref
+from engine.registry import MIGRATIONS, Registry, StepRecord, parse_ref
+from engine.registry_schema import migrations
 
 
 @dataclass
@@ -77,6 +79,7 @@ def test_migrations_recorded_and_idempotent(tmp_path):
     names = [r[0] for r in sqlite3.connect(tmp_path / "registry.db").execute(
         "select name from _sqlite_migrations where migration_set = 'engine.registry'")]
     assert names == ["m001_initial"]
+    assert tuple(m.name for m in migrations.pending(sqlite_utils.Database(memory=True))) == MIGRATIONS
 
 
 def test_failed_write_leaves_nothing(tmp_path):
