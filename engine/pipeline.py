@@ -16,7 +16,7 @@ from pathlib import Path
 from . import __version__
 from .errors import EngineError
 from .hashing import content_key
-from .paths import Locations
+from .paths import Locations, resolve
 from .recipe import Recipe, load_recipe
 from .registry import Registry, StepRecord
 from .runtimes import Runtime, get_runtime, library_versions
@@ -98,9 +98,12 @@ def make_plan(recipe: Recipe, store: Store) -> Plan:
     return Plan(recipe, runtime, source, steps)
 
 
-def apply(recipe: Recipe | str | Path, locations: Locations, *, force: bool = False,
-          dry_run: bool = False, progress: Progress = _quiet) -> ApplyResult:
+def apply(recipe: Recipe | str | Path, locations: Locations | None = None, *, force: bool = False,
+          dry_run: bool = False, progress: Progress = _quiet, registry: str | Path | None = None,
+          store: str | Path | None = None) -> ApplyResult:
+    """Apply one recipe (a path or a loaded Recipe); registry/store default as in engine.paths."""
     started = time.perf_counter()
+    locations = locations or resolve(registry, store)
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
     store = Store(locations.store)
@@ -126,6 +129,7 @@ def apply(recipe: Recipe | str | Path, locations: Locations, *, force: bool = Fa
         variant, created = registry.register(
             recipe=recipe, recipe_json=recipe.data, source=plan.source, artifact=artifact,
             files=entry.manifest["files"], steps=steps, engine_version=__version__,
+            rebuilt=bool(ran),
         )
     finally:
         registry.close()
