@@ -6,6 +6,8 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[all,test]'
+	# optimum-intel drags in a torchvision built for another torch; it breaks `import transformers`
+	$(PY) -m pip uninstall --quiet --yes torchvision || true
 	touch $@
 
 .PHONY: install demo test

@@ -41,6 +41,7 @@ class StepPlan:
     versions: dict
     status: str  # "cached" | "missing" | "local" | "hub"
     detail: str = ""
+    inputs: dict = field(default_factory=dict)  # what the runtime gets: params plus "_..." inputs
 
     @property
     def hit(self) -> bool:
@@ -85,15 +86,18 @@ def make_plan(recipe: Recipe, store: Store) -> Plan:
         "cached" if store.get(source_key) else "missing")
     params = runtime.build_params(data, recipe.base_dir())
     versions = library_versions(runtime)
+    # params named "_..." are build inputs whose content the key already holds (e.g. a file path
+    # next to its content hash): they reach the runtime but not the key
+    key_params = {k: v for k, v in params.items() if not k.startswith("_")}
     build_key = content_key({
         "step": "build", "runtime": runtime.name, "v": runtime.step_version,
-        "params": params, "input": source_key, "versions": versions,
+        "params": key_params, "input": source_key, "versions": versions,
     })
     steps = [
         StepPlan("source", source_key, source["description"], identity.get("versions", {}), src_status,
                  _source_detail(source)),
-        StepPlan("build", build_key, params, versions, "cached" if store.get(build_key) else "missing",
-                 f"{runtime.name} {params.get('precision') or ''}".strip()),
+        StepPlan("build", build_key, key_params, versions, "cached" if store.get(build_key) else "missing",
+                 f"{runtime.name} {params.get('precision') or ''}".strip(), inputs=params),
     ]
     return Plan(recipe, runtime, source, steps)
 
@@ -147,7 +151,7 @@ def _build(plan: Plan, store: Store, ran: list[StepRecord], progress: Progress):
     progress(f"building {build_step.detail}", False)
     with store.staging(build_step.key) as stage:
         try:
-            meta = plan.runtime.build(source_dir, stage.files_dir, build_step.params, stage.logs_dir,
+            meta = plan.runtime.build(source_dir, stage.files_dir, build_step.inputs, stage.logs_dir,
                                       lambda line: progress(line, True))
         except EngineError as error:
             error.hint = f"full log: {_keep_failed_logs(store, stage.logs_dir, build_step.key)}"

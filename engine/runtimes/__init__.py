@@ -9,10 +9,12 @@ from .base import Model, Runtime
 
 _RUNTIMES: dict[str, str] = {
     "onnxruntime-genai": "engine.runtimes.ortgenai:OrtGenAIRuntime",
+    "openvino": "engine.runtimes.openvino:OpenVINORuntime",
+    "itrex": "engine.runtimes.itrex:ItrexRuntime",
 }
 
 #: the pip extra that installs each runtime, for error hints
-EXTRAS: dict[str, str] = {"onnxruntime-genai": "ortgenai"}
+EXTRAS: dict[str, str] = {"onnxruntime-genai": "ortgenai", "openvino": "openvino", "itrex": "itrex"}
 
 
 def names() -> list[str]:
