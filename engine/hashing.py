@@ -1,0 +1,203 @@
+"""Content keys and file hashes.
+
+Every cache decision in the engine rests on these keys, so they are full sha256 hex digests of a
+canonical JSON text (never truncated), and hashing multi-GB weights is done once per file version
+thanks to a small stat cache.
+"""
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import os
+import sqlite3
+import threading
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+CHUNK_SIZE = 1 << 20  # 1 MiB
+DEFAULT_IGNORE: tuple[str, ...] = (".*", "*.incomplete")
+
+
+def canonical_json(obj: Any) -> str:
+    """One text per value: sorted keys, no whitespace, raw unicode; NaN/Infinity are refused."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def content_key(obj: Any) -> str:
+    """Full sha256 hex of the canonical JSON of ``obj``."""
+    return hashlib.sha256(canonical_json(obj).encode("utf-8")).hexdigest()
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """sha256 hex of a file, read in 1 MiB chunks so memory stays flat for huge weights."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(CHUNK_SIZE):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS files ("
+    " path TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL,"
+    " inode INTEGER NOT NULL, sha256 TEXT NOT NULL)"
+)
+
+
+class StatCache:
+    """sqlite map (real path, size, mtime_ns, inode) -> sha256, so unchanged files are hashed once.
+
+    The cache is only an accelerator: a corrupt or unreadable database is recreated, and if even
+    that fails every call simply hashes the file. Safe for several processes (WAL, busy timeout).
+    """
+
+    def __init__(self, db_path: str | os.PathLike[str], timeout: float = 30.0) -> None:
+        self.db_path = Path(db_path)
+        self.timeout = timeout
+        self._conn: sqlite3.Connection | None = None
+        self._disabled = False
+        self._lock = threading.Lock()
+
+    # -- connection -------------------------------------------------------------------------
+    def _open(self) -> sqlite3.Connection:
+        self.db_path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self.db_path, timeout=self.timeout, check_same_thread=False)
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute(_SCHEMA)
+            conn.execute("SELECT path, size, mtime_ns, inode, sha256 FROM files LIMIT 1").fetchall()
+            conn.commit()
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _connection(self) -> sqlite3.Connection | None:
+        if self._conn is not None or self._disabled:
+            return self._conn
+        try:
+            self._conn = self._open()
+        except (sqlite3.Error, OSError):
+            self._reset_file()
+            try:
+                self._conn = self._open()
+            except (sqlite3.Error, OSError):
+                self._disabled = True  # e.g. read-only folder: hash without a cache
+        return self._conn
+
+    def _reset_file(self) -> None:
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            try:
+                Path(str(self.db_path) + suffix).unlink()
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    def __enter__(self) -> StatCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- lookups ----------------------------------------------------------------------------
+    def _lookup(self, key: str, st: os.stat_result) -> str | None:
+        with self._lock:
+            conn = self._connection()
+            if conn is None:
+                return None
+            try:
+                row = conn.execute(
+                    "SELECT sha256 FROM files WHERE path = ? AND size = ? AND mtime_ns = ? AND inode = ?",
+                    (key, st.st_size, st.st_mtime_ns, st.st_ino),
+                ).fetchone()
+            except sqlite3.Error:
+                return None
+        return row[0] if row else None
+
+    def _store(self, key: str, st: os.stat_result, sha: str) -> None:
+        with self._lock:
+            conn = self._connection()
+            if conn is None:
+                return
+            try:
+                with conn:
+                    conn.execute(
+                        "INSERT OR REPLACE INTO files (path, size, mtime_ns, inode, sha256)"
+                        " VALUES (?, ?, ?, ?, ?)",
+                        (key, st.st_size, st.st_mtime_ns, st.st_ino, sha),
+                    )
+            except sqlite3.Error:
+                pass  # a cache that cannot be written only costs a re-hash later
+
+    def _hash_file(self, path: str) -> str:
+        """Hash one file; a separate method so tests can count real hashing."""
+        return sha256_file(path)
+
+    def hash(self, path: str | os.PathLike[str]) -> str:
+        """sha256 of ``path`` (symlinks followed), from the cache when the file is unchanged."""
+        real = os.path.realpath(path)
+        before = os.stat(real)
+        cached = self._lookup(real, before)
+        if cached is not None:
+            return cached
+        sha = self._hash_file(real)
+        after = os.stat(real)
+        if (before.st_size, before.st_mtime_ns, before.st_ino) == (
+            after.st_size,
+            after.st_mtime_ns,
+            after.st_ino,
+        ):  # not modified while we read it
+            self._store(real, after, sha)
+        return sha
+
+
+def _ignored(name: str, ignore: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in ignore)
+
+
+def tree_manifest(
+    root: str | os.PathLike[str],
+    cache: StatCache | None = None,
+    ignore: Iterable[str] = DEFAULT_IGNORE,
+) -> list[dict[str, Any]]:
+    """[{path, size, sha256}] for every regular file under ``root``, sorted by posix path.
+
+    Symlinks are followed (hub snapshots are symlinks to blobs); names matching ``ignore``
+    (dot-files and dot-folders such as .git/.cache, ``*.incomplete`` downloads) are skipped, and so
+    are broken links. Directory symlink loops are visited once.
+    """
+    root_path = Path(root)
+    patterns = tuple(ignore)
+    entries: list[dict[str, Any]] = []
+    seen_dirs: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root_path, followlinks=True):
+        real_dir = os.path.realpath(dirpath)
+        if real_dir in seen_dirs:
+            dirnames[:] = []
+            continue
+        seen_dirs.add(real_dir)
+        dirnames[:] = sorted(d for d in dirnames if not _ignored(d, patterns))
+        for name in filenames:
+            if _ignored(name, patterns):
+                continue
+            full = os.path.join(dirpath, name)
+            if not os.path.isfile(full):  # broken link, fifo, socket, ...
+                continue
+            sha = cache.hash(full) if cache is not None else sha256_file(full)
+            rel = Path(full).relative_to(root_path).as_posix()
+            entries.append({"path": rel, "size": os.stat(full).st_size, "sha256": sha})
+    entries.sort(key=lambda entry: entry["path"])
+    return entries
+
+
+def tree_digest(manifest: list[dict[str, Any]]) -> str:
+    """The content key of a manifest: one sha256 naming the whole folder's bytes."""
+    return content_key(manifest)
