@@ -5,15 +5,17 @@ cache inside the step's staging folder, offline, and its output goes to the step
 """
 from __future__ import annotations
 
+import json
 import re
 import sys
+from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from ..errors import BuildFailed, RuntimeUnavailable
 from ..subproc import run_logged
-from .base import Model, Progress, Runtime
+from .base import Model, Progress, Runtime, Sampling
 
 _PRECISION = {"int4": "int4", "int4_clip": "int4", "int8": "int8", "fp16": "fp16", "fp32": "fp32"}
 _ACCURACY_LEVEL = {"fp32": 1, "fp16": 2, "bf16": 3, "int8": 4}
@@ -92,7 +94,7 @@ class OrtGenAIRuntime(Runtime):
         import onnxruntime_genai as og
 
         model = og.Model(str(artifact_dir))
-        return OrtGenAIModel(info, model, og.Tokenizer(model), og)
+        return OrtGenAIModel(info, model, og.Tokenizer(model), og, artifact_dir)
 
 
 def _check_exclusions(log: Path, nodes: list[str]) -> None:
@@ -110,38 +112,39 @@ def _check_exclusions(log: Path, nodes: list[str]) -> None:
 
 
 class OrtGenAIModel(Model):
-    def __init__(self, info: dict, model: Any, tokenizer: Any, og: Any) -> None:
+    def __init__(self, info: dict, model: Any, tokenizer: Any, og: Any, artifact_dir: Path) -> None:
         super().__init__(info, model)
         self.tokenizer = tokenizer
         self._og = og
+        config = json.loads((artifact_dir / "genai_config.json").read_text(encoding="utf-8"))
+        eos = config["model"].get("eos_token_id", [])
+        self.eos_token_ids = frozenset(eos if isinstance(eos, list) else [eos])
 
-    def generate(self, prompt: str, max_new_tokens: int = 64, *, do_sample: bool = False,
-                 temperature: float | None = None, top_p: float | None = None,
-                 top_k: int | None = None, repetition_penalty: float | None = None,
-                 seed: int | None = None) -> str:
-        tokens = self.tokenizer.encode(prompt)
+    def encode(self, text: str) -> list[int]:
+        return [int(t) for t in self.tokenizer.encode(text)]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+    def _params(self, prompt_len: int, batch: int, s: Sampling) -> Any:
         params = self._og.GeneratorParams(self.native)
-        search: dict[str, Any] = {"max_length": len(tokens) + max_new_tokens, "do_sample": do_sample}
-        for key, value in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k),
-                           ("repetition_penalty", repetition_penalty), ("random_seed", seed)):
+        search: dict[str, Any] = {"max_length": prompt_len + s.max_new_tokens, "do_sample": s.do_sample,
+                                  "batch_size": batch}
+        for key, value in (("temperature", s.temperature), ("top_p", s.top_p), ("top_k", s.top_k),
+                           ("repetition_penalty", s.repetition_penalty), ("random_seed", s.seed)):
             if value is not None:
                 search[key] = value
         params.set_search_options(**search)
-        generator = self._og.Generator(self.native, params)
-        generator.append_tokens(tokens)
-        new: list[int] = []
-        while not generator.is_done() and len(new) < max_new_tokens:
+        return params
+
+    def stream_ids(self, ids: list[int], sampling: Sampling) -> Iterator[int]:
+        generator = self._og.Generator(self.native, self._params(len(ids), 1, sampling))
+        generator.append_tokens([ids])
+        produced = 0
+        while not generator.is_done() and produced < sampling.max_new_tokens:
             generator.generate_next_token()
-            new.append(int(generator.get_next_tokens()[0]))
-        eos = self._eos_ids()
-        return self.tokenizer.decode([t for t in new if t not in eos])
-
-    def _eos_ids(self) -> set[int]:
-        import json
-
-        try:
-            config = json.loads((Path(self.info["artifact_dir"]) / "genai_config.json").read_text())
-            eos = config["model"]["eos_token_id"]
-        except (OSError, KeyError, ValueError):
-            return set()
-        return set(eos) if isinstance(eos, list) else {eos}
+            token = int(generator.get_next_tokens()[0])
+            produced += 1
+            yield token
+            if token in self.eos_token_ids:
+                return
