@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 # Bump when the code below changes the bytes it writes: it is part of the source identity.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: output head favours printable ASCII
 
 SYNTHETIC_DEFAULTS: dict[str, Any] = {
     "architecture": "phi3",
@@ -115,6 +115,7 @@ def make_synthetic_model(spec: dict[str, Any], out_dir: Path) -> None:
     with torch.random.fork_rng(devices=[]):  # leave the caller's RNG as it was
         torch.manual_seed(int(spec["seed"]))
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        _favour_printable(model, raw, vocab_size)
     model.generation_config = GenerationConfig(
         bos_token_id=ids["<s>"],
         eos_token_id=[ids["</s>"], ids["<|end|>"]],
@@ -135,6 +136,23 @@ def make_synthetic_model(spec: dict[str, Any], out_dir: Path) -> None:
     )
     tokenizer.save_pretrained(out_dir)
     _pin_tokenizer_class(out_dir / "tokenizer_config.json")
+
+
+def _favour_printable(model: Any, raw: Any, vocab_size: int) -> None:
+    """Zero the output rows of every token but printable ASCII bytes.
+
+    Random logits of printable tokens then beat the zero logits of the rest (their maximum over
+    ~95 tokens is positive), so a demo prints visible characters instead of broken UTF-8, and
+    greedy decoding runs to max_new_tokens instead of stopping at a random EOS.
+    """
+    import torch
+
+    keep = torch.zeros(vocab_size, dtype=torch.bool)
+    for token_id in range(raw.get_vocab_size()):
+        text = raw.decode([token_id], skip_special_tokens=False)
+        keep[token_id] = len(text) == 1 and 32 <= ord(text) <= 126
+    with torch.no_grad():
+        model.get_output_embeddings().weight[~keep] = 0.0
 
 
 def _pin_tokenizer_class(path: Path) -> None:
