@@ -44,20 +44,30 @@ def run_logged(
             list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=full_env,
             cwd=cwd, preexec_fn=_die_with_parent,
         )
-        assert proc.stdout is not None
-        pending = b""
-        for chunk in iter(lambda: proc.stdout.read1(65536), b""):  # type: ignore[union-attr]
-            log.write(chunk)
-            if on_line:
-                pending += chunk
-                *lines, pending = pending.replace(b"\r", b"\n").split(b"\n")
-                for line in lines:
-                    if line.strip():
-                        on_line(line.decode("utf-8", "replace")[:200])
+        try:
+            _pump(proc, log, on_line)
+        except BaseException:  # Ctrl-C or an error on our side: the child must not outlive the step
+            proc.kill()
+            proc.wait()
+            raise
         code = proc.wait()
     if code != 0:
         tail = _tail(log_path, 15)
         raise BuildFailed(f"{what} failed (exit {code}); last lines of its log:\n{tail}")
+
+
+def _pump(proc: subprocess.Popen, log, on_line: Callable[[str], None] | None) -> None:
+    """Copy the child's output to the log as it comes, passing whole lines to on_line."""
+    assert proc.stdout is not None
+    pending = b""
+    for chunk in iter(lambda: proc.stdout.read1(65536), b""):  # type: ignore[union-attr]
+        log.write(chunk)
+        if on_line:
+            pending += chunk
+            *lines, pending = pending.replace(b"\r", b"\n").split(b"\n")
+            for line in lines:
+                if line.strip():
+                    on_line(line.decode("utf-8", "replace")[:200])
 
 
 def _tail(path: Path, lines: int) -> str:

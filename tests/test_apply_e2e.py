@@ -258,3 +258,58 @@ target: {{runtime: onnxruntime-genai}}
     text = proc.stdout.split("GEN", 1)[1]
     assert len(text.strip("' \n")) > 10  # a trained model continues with real words
     assert "up to date" in engine("apply", str(recipe), cwd=tmp_path).stdout
+
+
+def test_hub_source_from_an_offline_cache(tmp_path):
+    from hubcache import repo_folder, write_snapshot
+
+    from engine.synthetic import make_synthetic_model
+
+    model = tmp_path / "model"
+    make_synthetic_model({"architecture": "llama", "seed": 1}, model)
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    write_snapshot(repo_folder(tmp_path / "hf" / "hub", "org/tiny-llama"), commit,
+                   {p.name: p.read_bytes() for p in model.iterdir()} | {"README.md": b"not needed"}, ref="main")
+    env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    recipe = tmp_path / "hub.yaml"
+    recipe.write_text(f"""\
+name: hub-tiny
+source: {{model: org/tiny-llama, revision: {commit}}}
+quantization: {{weight_dtype: int8, group_size: 32}}
+target: {{runtime: onnxruntime-genai}}
+""")
+    assert "hub-tiny@1: built" in engine("apply", str(recipe), cwd=tmp_path, env=env).stdout
+    doc = json.loads(engine("show", "hub-tiny", "--json", cwd=tmp_path).stdout)
+    assert doc["source"]["identity"] == {"repo": "org/tiny-llama", "commit": commit}
+    assert doc["steps"][-1]["params"]["precision"] == "int8"
+    # a revision the cache does not hold: one clear message saying how to get it, no traceback
+    recipe.write_text(recipe.read_text().replace(commit, "f" * 40))
+    proc = engine("apply", str(recipe), cwd=tmp_path, env=env, check=1)
+    assert "org/tiny-llama" in proc.stderr and "hf download" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_bad_recipe_corpus_through_the_cli(tmp_path):
+    corpus = sorted((ROOT / "tests" / "bad_recipes").glob("*.yaml"))
+    proc = engine("validate", *map(str, corpus), cwd=tmp_path, check=3)
+    assert f"{len(corpus)} of {len(corpus)} recipe(s) invalid" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = engine("apply", str(ROOT / "tests" / "bad_recipes" / "group_size_48.yaml"), cwd=tmp_path, check=3)
+    assert "group_size_48.yaml:" in proc.stderr and "quantization.group_size" in proc.stderr
+    assert not (tmp_path / "registry.db").exists()
+
+
+def test_ctrl_c_mid_build_exits_cleanly(tmp_path):
+    recipe = write_recipe(tmp_path, name="tiny-int", group_size=64)
+    proc = subprocess.Popen([sys.executable, "-m", "engine", "apply", str(recipe)], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    staging = tmp_path / ".engine" / "staging"
+    deadline = time.time() + 120
+    while time.time() < deadline and not any((p / "logs" / "build.log").exists()
+                                              for p in (staging.iterdir() if staging.is_dir() else [])):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    assert not any(staging.iterdir())  # its own staging folder is gone, the builder child with it
+    assert not (tmp_path / "registry.db").exists()

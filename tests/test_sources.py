@@ -13,23 +13,12 @@ import pytest
 from engine.errors import SourceUnavailable
 from engine.hashing import StatCache
 from engine.sources import ResolvedSource, materialize_source, source_identity
+from hubcache import write_snapshot
 
 REPO = "org/tiny"
 COMMIT_A = "a" * 40
 COMMIT_B = "0123456789abcdef0123456789abcdef01234567"
 UNKNOWN = "f" * 40
-
-
-def _write_snapshot(repo_dir: Path, commit: str, files: dict[str, bytes]) -> None:
-    """Lay out files the way huggingface_hub does: content-addressed blobs + relative symlinks."""
-    blobs = repo_dir / "blobs"
-    blobs.mkdir(parents=True, exist_ok=True)
-    for rel, data in files.items():
-        sha = hashlib.sha256(data).hexdigest()
-        (blobs / sha).write_bytes(data)
-        link = repo_dir / "snapshots" / commit / rel
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(os.path.relpath(blobs / sha, link.parent))
 
 
 @pytest.fixture()
@@ -43,8 +32,8 @@ def hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         "tokenizer.json": b"{}",
         "original/consolidated.pth": b"not wanted",
     }
-    _write_snapshot(repo_dir, COMMIT_A, base)
-    _write_snapshot(repo_dir, COMMIT_B, {**base, "model.safetensors": b"weights-b"})
+    write_snapshot(repo_dir, COMMIT_A, base)
+    write_snapshot(repo_dir, COMMIT_B, {**base, "model.safetensors": b"weights-b"})
     (repo_dir / "refs").mkdir()
     (repo_dir / "refs" / "main").write_text(COMMIT_B)
     (repo_dir / "refs" / "v1.0").write_text(COMMIT_A)
