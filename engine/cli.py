@@ -131,6 +131,80 @@ class _progress:
             self.status.__exit__(*exc)
 
 
+def _generation_options(fn):
+    """Decoding options shared by `run` and `chat`."""
+    for option in reversed([
+        click.option("--max-new-tokens", type=click.IntRange(1), default=128, show_default=True),
+        click.option("--temperature", type=click.FloatRange(min=0.0), help="Sampling temperature (implies --sample)."),
+        click.option("--top-p", type=click.FloatRange(0.0, 1.0), help="Nucleus sampling (implies --sample)."),
+        click.option("--top-k", type=click.IntRange(1), help="Top-k sampling (implies --sample)."),
+        click.option("--seed", type=int, help="Random seed for sampling."),
+        click.option("--sample", is_flag=True, help="Sample instead of greedy decoding."),
+        click.option("--stop", multiple=True, help="Stop before this text (repeatable)."),
+    ]):
+        fn = option(fn)
+    return fn
+
+
+def _settings(max_new_tokens, temperature, top_p, top_k, seed, sample, stop) -> dict:
+    return {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k,
+            "seed": seed, "do_sample": sample or any(v is not None for v in (temperature, top_p, top_k)),
+            "stop": list(stop)}
+
+
+@cli.command()
+@click.argument("ref")
+@click.argument("prompt")
+@click.option("--chat", "as_chat", is_flag=True, help="Send PROMPT as a user message through the chat template.")
+@_generation_options
+@click.pass_obj
+def run(loc: Locations, ref: str, prompt: str, as_chat: bool, **options) -> None:
+    """Stream the model's answer to PROMPT."""
+    from .loader import load
+
+    model = load(ref, registry=loc.registry, store=loc.store)
+    text = [{"role": "user", "content": prompt}] if as_chat else prompt
+    for piece in model.stream(text, **_settings(**options)):
+        click.echo(piece, nl=False)
+        sys.stdout.flush()
+    click.echo()
+
+
+@cli.command()
+@click.argument("ref")
+@click.option("--system", help="A system message to start the conversation with.")
+@_generation_options
+@click.pass_obj
+def chat(loc: Locations, ref: str, system: str | None, **options) -> None:
+    """Talk to a variant in the terminal (its chat template; history kept; Ctrl-D or Ctrl-C ends)."""
+    from .loader import load
+
+    model = load(ref, registry=loc.registry, store=loc.store)
+    model.apply_chat_template([{"role": "user", "content": ""}])  # no template: say so before the first prompt
+    history = [{"role": "system", "content": system}] if system else []
+    settings = _settings(**options)
+    click.echo(f"chatting with {model.name}; Ctrl-D to end", err=True)
+    while True:
+        try:
+            line = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            click.echo("", err=True)
+            return
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        answer = []
+        try:
+            for piece in model.stream(history, **settings):
+                answer.append(piece)
+                click.echo(piece, nl=False)
+                sys.stdout.flush()
+        except KeyboardInterrupt:  # stop this answer, keep the conversation
+            pass
+        click.echo()
+        history.append({"role": "assistant", "content": "".join(answer)})
+
+
 @cli.command("ls")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output (stable keys).")
 @click.option("--all", "all_versions", is_flag=True, help="Every version, not only the latest.")

@@ -6,16 +6,20 @@ a description change never rebuilds), builds an artifact from a source folder, a
 Runtime modules import their heavy libraries inside methods, never at module level.
 
 A loaded model implements four primitives (encode, decode, stream token ids, generate a batch of
-token ids); everything users call (generate, and later chat/stream/stop sequences) is written once
-here on top of them, so every runtime behaves the same.
+token ids); everything users call (generate, chat, stream, stop sequences) is written once here on
+top of them, so every runtime behaves the same.
 """
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from ..errors import EngineError
+from ..textgen import GeneratedText, cut_at_stop, find_chat_template, render_chat, stream_text
 
 Progress = Callable[[str], None]
 
@@ -34,7 +38,11 @@ class Sampling:
 
 
 class Model(ABC):
-    """What `engine.load()` returns, whatever the runtime."""
+    """What `engine.load()` returns, whatever the runtime.
+
+    generate / chat / stream accept the same decoding settings everywhere; results are
+    `GeneratedText` strings that also carry token counts and timings.
+    """
 
     #: token ids that end a generation (filled by the runtime from the artifact's config)
     eos_token_ids: frozenset[int] = frozenset()
@@ -42,6 +50,8 @@ class Model(ABC):
     def __init__(self, info: dict, native: Any) -> None:
         self.info = info  # the registry record of the variant
         self.native = native  # the runtime's own object, for anything the engine does not wrap
+        folder = info.get("artifact_dir")
+        self.chat_template, self.special_tokens = find_chat_template(Path(folder)) if folder else (None, {})
 
     @property
     def name(self) -> str:
@@ -65,14 +75,59 @@ class Model(ABC):
         return [list(self.stream_ids(ids, sampling)) for ids in batch]
 
     # -- what users call -------------------------------------------------------------------------
-    def generate(self, prompt: str, max_new_tokens: int = 64, *, do_sample: bool = False,
+    def generate(self, prompt: str | list[str], max_new_tokens: int = 64, *, do_sample: bool = False,
                  temperature: float | None = None, top_p: float | None = None,
                  top_k: int | None = None, repetition_penalty: float | None = None,
-                 seed: int | None = None) -> str:
-        """Continue `prompt`; returns only the new text (greedy unless do_sample)."""
+                 seed: int | None = None, stop: list[str] | None = None) -> Any:
+        """Continue `prompt` (or each prompt of a list, as one batch); returns only the new text.
+
+        Greedy unless do_sample. `stop` cuts the text before the first stop sequence.
+        """
         sampling = Sampling(max_new_tokens, do_sample, temperature, top_p, top_k, repetition_penalty, seed)
-        new = self.generate_ids([self.encode(prompt)], sampling)[0]
-        return self.decode([t for t in new if t not in self.eos_token_ids])
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        encoded = [self.encode(p) for p in prompts]
+        started = time.perf_counter()
+        outputs = self.generate_ids(encoded, sampling) if encoded else []
+        seconds = time.perf_counter() - started
+        texts = [self._finish(ids, out, stop or [], seconds) for ids, out in zip(encoded, outputs)]
+        return texts[0] if isinstance(prompt, str) else texts
+
+    def _finish(self, prompt_ids: list[int], new: list[int], stop: list[str], seconds: float) -> GeneratedText:
+        cut = next((i for i, t in enumerate(new) if t in self.eos_token_ids), len(new))
+        text, stopped = cut_at_stop(self.decode(new[:cut]), stop)
+        reason = "stop" if stopped else "eos" if cut < len(new) else "length"
+        return GeneratedText.make(text, prompt_tokens=len(prompt_ids), new_tokens=cut, seconds=seconds,
+                                  finish_reason=reason)
+
+    def stream(self, prompt: str | list[dict], max_new_tokens: int = 64, *, do_sample: bool = False,
+               temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
+               repetition_penalty: float | None = None, seed: int | None = None,
+               stop: list[str] | None = None) -> Iterator[str]:
+        """Yield text pieces as they are produced (prompt skipped, special tokens dropped).
+
+        `prompt` may be a list of chat messages: the model's chat template is applied first.
+        Stop sequences are honoured even when split across pieces.
+        """
+        text = self.apply_chat_template(prompt) if isinstance(prompt, list) else prompt
+        sampling = Sampling(max_new_tokens, do_sample, temperature, top_p, top_k, repetition_penalty, seed)
+        ids = self.encode(text)
+        yield from stream_text(self.stream_ids(ids, sampling), self.decode, self.eos_token_ids, stop or [])
+
+    def chat(self, messages: list[dict], max_new_tokens: int = 256, **settings: Any) -> GeneratedText:
+        """Answer the last message of a conversation, formatted with the model's own chat template."""
+        return self.generate(self.apply_chat_template(messages), max_new_tokens, **settings)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        if not self.chat_template:
+            raise EngineError(
+                f"{self.name} has no chat template (no chat_template.jinja or tokenizer_config.json entry)",
+                hint="use generate() with a prompt you format yourself",
+            )
+        text = render_chat(self.chat_template, messages, self.special_tokens, add_generation_prompt)
+        bos = self.special_tokens.get("bos_token")
+        if bos and text.startswith(bos) and self.encode(""):  # encode() adds BOS itself: not twice
+            text = text[len(bos):]
+        return text
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name} runtime={self.info['runtime']}>"

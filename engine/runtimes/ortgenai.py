@@ -13,12 +13,13 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from ..errors import BuildFailed, RuntimeUnavailable
+from ..errors import BuildFailed, EngineError, RuntimeUnavailable
 from ..subproc import run_logged
 from .base import Model, Progress, Runtime, Sampling
 
 _PRECISION = {"int4": "int4", "int4_clip": "int4", "int8": "int8", "fp16": "fp16", "fp32": "fp32"}
 _ACCURACY_LEVEL = {"fp32": 1, "fp16": 2, "bf16": 3, "int8": 4}
+_LOAD_OPTIONS = {"num_threads", "providers"}
 _DEVICE_PACKAGES = {"cuda": "onnxruntime-genai-cuda", "dml": "onnxruntime-genai-directml"}
 
 
@@ -91,9 +92,24 @@ class OrtGenAIRuntime(Runtime):
         return {"builder_args": cmd[3:]}
 
     def load(self, artifact_dir: Path, info: dict, **options: Any) -> Model:
+        """Options: num_threads (int), providers (list of execution provider names)."""
+        unknown = set(options) - _LOAD_OPTIONS
+        if unknown:
+            raise EngineError(f"unknown load option(s) for onnxruntime-genai: {', '.join(sorted(unknown))}",
+                              hint="supported: " + ", ".join(sorted(_LOAD_OPTIONS)))
         import onnxruntime_genai as og
 
-        model = og.Model(str(artifact_dir))
+        config = og.Config(str(artifact_dir))
+        if "num_threads" in options:
+            threads = options["num_threads"]
+            if not isinstance(threads, int) or threads < 1:
+                raise EngineError(f"num_threads must be a positive integer, got {threads!r}")
+            config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+        if "providers" in options:
+            config.clear_providers()
+            for provider in options["providers"]:
+                config.append_provider(provider)
+        model = og.Model(config)
         return OrtGenAIModel(info, model, og.Tokenizer(model), og, artifact_dir)
 
 
@@ -119,6 +135,7 @@ class OrtGenAIModel(Model):
         config = json.loads((artifact_dir / "genai_config.json").read_text(encoding="utf-8"))
         eos = config["model"].get("eos_token_id", [])
         self.eos_token_ids = frozenset(eos if isinstance(eos, list) else [eos])
+        self.pad_token_id = int(config["model"].get("pad_token_id", min(self.eos_token_ids, default=0)))
 
     def encode(self, text: str) -> list[int]:
         return [int(t) for t in self.tokenizer.encode(text)]
@@ -148,3 +165,25 @@ class OrtGenAIModel(Model):
             yield token
             if token in self.eos_token_ids:
                 return
+
+    def generate_ids(self, batch: list[list[int]], sampling: Sampling) -> list[list[int]]:
+        """One batched generator; prompts right-padded with the pad id (ORT GenAI masks it)."""
+        if len(batch) <= 1:
+            return [list(self.stream_ids(ids, sampling)) for ids in batch]
+        import numpy as np
+
+        width = max(len(ids) for ids in batch)
+        tokens = np.full((len(batch), width), self.pad_token_id, dtype=np.int32)
+        for row, ids in enumerate(batch):
+            tokens[row, : len(ids)] = ids
+        generator = self._og.Generator(self.native, self._params(width, len(batch), sampling))
+        generator.append_tokens(tokens)
+        out: list[list[int]] = [[] for _ in batch]
+        done = [False] * len(batch)
+        while not generator.is_done() and not all(done):
+            generator.generate_next_token()
+            for row, token in enumerate(generator.get_next_tokens()):
+                if not done[row]:
+                    out[row].append(int(token))
+                    done[row] = int(token) in self.eos_token_ids or len(out[row]) >= sampling.max_new_tokens
+        return out

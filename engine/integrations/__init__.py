@@ -1,0 +1,1 @@
+"""Adapters to other ecosystems; each imports its library only when used (optional extras)."""
