@@ -7,6 +7,7 @@ never imports a runtime library, so a fully cached apply stays fast.
 """
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from collections.abc import Callable
@@ -15,6 +16,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import EngineError
+from .evaluation import compute_reference, eval_key, eval_spec, evaluate_variant, method, reference_key
 from .hashing import content_key
 from .paths import Locations, resolve
 from .recipe import Recipe, load_recipe
@@ -55,9 +57,14 @@ class Plan:
     source: dict  # kind, key, identity, description
     steps: list[StepPlan]
 
+    spec: dict | None = None  # the normalized eval spec, when the recipe has one
+
+    def step(self, kind: str) -> StepPlan | None:
+        return next((s for s in self.steps if s.kind == kind), None)
+
     @property
     def build(self) -> StepPlan:
-        return self.steps[-1]
+        return self.step("build")
 
 
 @dataclass
@@ -99,7 +106,36 @@ def make_plan(recipe: Recipe, store: Store) -> Plan:
         StepPlan("build", build_key, key_params, versions, "cached" if store.get(build_key) else "missing",
                  f"{runtime.name} {params.get('precision') or ''}".strip(), inputs=params),
     ]
-    return Plan(recipe, runtime, source, steps)
+    spec = eval_spec(data, recipe.base_dir(), store.stat_cache().hash)
+    if spec:
+        steps += _eval_steps(spec, source_key, build_key, versions, store)
+    return Plan(recipe, runtime, source, steps, spec)
+
+
+def _eval_steps(spec: dict, source_key: str, build_key: str, versions: dict, store: Store) -> list[StepPlan]:
+    steps = []
+    ref_key = None
+    if "perplexity" in spec:
+        ref_versions = {d: versions[d] for d in ("torch", "transformers") if d in versions} or _torch_versions()
+        ref_key = reference_key(source_key, spec, ref_versions)
+        steps.append(StepPlan("reference", ref_key, method(spec["perplexity"]), ref_versions,
+                              "cached" if store.get(ref_key) else "missing", "source model scores (PyTorch fp32)"))
+    key = eval_key(build_key, ref_key, spec, versions)
+    steps.append(StepPlan("eval", key, {k: method(v) for k, v in spec.items()}, versions,
+                          "cached" if store.get(key) else "missing", ", ".join(spec)))
+    return steps
+
+
+def _torch_versions() -> dict:
+    from importlib import metadata
+
+    out = {}
+    for dist in ("torch", "transformers"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
 
 
 def apply(recipe: Recipe | str | Path, locations: Locations | None = None, *, force: bool = False,
@@ -124,16 +160,18 @@ def apply(recipe: Recipe | str | Path, locations: Locations | None = None, *, fo
             entry = None if force else store.get(plan.build.key)  # built meanwhile by another apply?
             if entry is None:
                 entry = _build(plan, store, ran, progress)
+    evaluation = _evaluate(plan, store, entry, ran, progress, force) if plan.spec else None
     registry = Registry(locations.registry)
     try:
         artifact = {"key": entry.key, "kind": "build", "runtime": plan.runtime.name,
                     "created": entry.manifest["created"], "size_bytes": entry.size,
                     "meta": entry.manifest.get("meta", {})}
-        steps = ran or [StepRecord(s.kind, s.key, True, 0.0, s.params, s.versions) for s in plan.steps]
+        done = {s.kind: s for s in ran}
+        steps = [done.get(s.kind) or StepRecord(s.kind, s.key, True, 0.0, s.params, s.versions) for s in plan.steps]
         variant, created = registry.register(
             recipe=recipe, recipe_json=recipe.data, source=plan.source, artifact=artifact,
             files=entry.manifest["files"], steps=steps, engine_version=__version__,
-            rebuilt=bool(ran),
+            rebuilt=any(s.kind == "build" for s in ran), evaluation=evaluation,
         )
     finally:
         registry.close()
@@ -159,6 +197,46 @@ def _build(plan: Plan, store: Store, ran: list[StepRecord], progress: Progress):
         entry = store.commit(stage, "build", {"runtime": plan.runtime.name, "recipe": recipe.name, **meta})
     ran.append(StepRecord("build", build_step.key, False, time.perf_counter() - t1,
                           build_step.params, build_step.versions))
+    return entry
+
+
+def _evaluate(plan: Plan, store: Store, artifact, ran: list[StepRecord], progress: Progress,
+              force: bool) -> dict:
+    """Run the reference and eval steps that are missing; returns what the registry records."""
+    ref_step, eval_step = plan.step("reference"), plan.step("eval")
+    ref_entry = None
+    if ref_step:
+        ref_entry = _cached_step(store, ref_step, ran, progress, force=False, run=lambda out: compute_reference(
+            _materialize(plan, store, progress), plan.spec, out, lambda m: progress(m, True)))
+    info = {"name": plan.recipe.name, "version": 0, "runtime": plan.runtime.name,
+            "artifact_dir": str(artifact.files_dir)}
+
+    def run(out: Path) -> dict:
+        scores = evaluate_variant(lambda: plan.runtime.load(artifact.files_dir, info), artifact.size, plan.spec,
+                                  ref_entry.files_dir if ref_entry else None, lambda m: progress(m, True))
+        (out / "scores.json").write_text(json.dumps(scores, indent=1, sort_keys=True))
+        return {}
+
+    eval_entry = _cached_step(store, eval_step, ran, progress, force=force, run=run)
+    scores = json.loads((eval_entry.files_dir / "scores.json").read_text())
+    return {"key": eval_step.key, "scores": scores, "versions": eval_step.versions}
+
+
+def _cached_step(store: Store, step: StepPlan, ran: list[StepRecord], progress: Progress, *, force: bool, run):
+    """Reuse the store entry for step.key, or run `run(out_dir)` in staging and commit it."""
+    entry = None if force else store.get(step.key)
+    if entry is not None:
+        return entry
+    with store.lock(step.key):
+        entry = None if force else store.get(step.key)
+        if entry is None:
+            started = time.perf_counter()
+            progress(f"{step.kind}: {step.detail}", False)
+            with store.staging(step.key) as stage:
+                meta = run(stage.files_dir) or {}
+                entry = store.commit(stage, step.kind, meta)
+            ran.append(StepRecord(step.kind, step.key, False, time.perf_counter() - started, step.params,
+                                  step.versions))
     return entry
 
 

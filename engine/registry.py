@@ -20,7 +20,7 @@ from .errors import EngineError, VariantNotFound
 
 #: names of the migrations in engine/registry_schema.py, in order (a test keeps the two in step);
 #: checking them with plain SQL keeps sqlite-utils (and the numpy it imports) off read-only paths
-MIGRATIONS = ("m001_initial",)
+MIGRATIONS = ("m001_initial", "m002_scores")
 MIGRATION_SET = "engine.registry"
 
 _REF = re.compile(r"^(?P<name>[a-z0-9][a-z0-9._-]*)(?:@(?P<version>[0-9]+))?$")
@@ -127,24 +127,34 @@ class Registry:
             "select * from steps where variant_id = ? order by position", [variant_id]))
 
     def referenced_keys(self) -> set[str]:
-        rows = self.query("select key from steps union select artifact_key from variants")
+        rows = self.query("select key from steps union select artifact_key from variants"
+                          " union select eval_key as key from variants where eval_key is not null")
         return {row["key"] for row in rows}
 
     # -- writing -------------------------------------------------------------------------------
     def register(self, *, recipe: Any, recipe_json: dict, source: dict, artifact: dict,
                  files: list[dict], steps: list[StepRecord], engine_version: str,
-                 rebuilt: bool = True) -> tuple[dict, bool]:
+                 rebuilt: bool = True, evaluation: dict | None = None) -> tuple[dict, bool]:
         """Record a variant in one transaction; returns (row, created).
 
         A new version is added only when the artifact differs from the latest version's; applying
         the same recipe again (or one that differs only in its description) adds nothing.
         `rebuilt=False` says the artifact came from the store unchanged, so its file rows stand.
+        `evaluation` = {"key", "scores", "versions"}: recorded once per eval key; a changed eval
+        spec re-points the variant at the new scores without adding a version.
         """
+        eval_key = evaluation["key"] if evaluation else None
         with _exclusive(self.conn):
+            if evaluation:
+                self._record_scores(evaluation, artifact["key"], engine_version)
             latest = self.latest(recipe.name)
             if latest and latest["artifact_key"] == artifact["key"]:
                 if rebuilt:
                     self._upsert_artifact(artifact, files)
+                if latest.get("eval_key") != eval_key:  # re-scored: the steps now name the new evaluation
+                    self.conn.execute("update variants set eval_key = ? where id = ?", [eval_key, latest["id"]])
+                    self.conn.execute("delete from steps where variant_id = ?", [latest["id"]])
+                    self._insert_steps(latest["id"], steps)
                 if latest["description"] != recipe_json.get("description", ""):
                     self.conn.execute("update variants set description = ? where id = ?",
                                       [recipe_json.get("description", ""), latest["id"]])
@@ -172,16 +182,40 @@ class Registry:
                 "artifact_key": artifact["key"],
                 "size_bytes": artifact["size_bytes"],
                 "engine_version": engine_version,
+                "eval_key": eval_key,
             }
             variant_id = self.db["variants"].insert(row).last_pk
-            self.db["steps"].insert_all(
-                {"variant_id": variant_id, "position": i, "kind": s.kind, "key": s.key,
-                 "cached": int(s.cached), "duration_s": round(s.duration_s, 3),
-                 "params_json": json.dumps(s.params, sort_keys=True),
-                 "versions_json": json.dumps(s.versions, sort_keys=True), "finished": _now()}
-                for i, s in enumerate(steps)
-            )
+            self._insert_steps(variant_id, steps)
             return self.query("select * from variants where id = ?", [variant_id])[0], True
+
+    def _insert_steps(self, variant_id: int, steps: list[StepRecord]) -> None:
+        self.db["steps"].insert_all(
+            {"variant_id": variant_id, "position": i, "kind": s.kind, "key": s.key,
+             "cached": int(s.cached), "duration_s": round(s.duration_s, 3),
+             "params_json": json.dumps(s.params, sort_keys=True),
+             "versions_json": json.dumps(s.versions, sort_keys=True), "finished": _now()}
+            for i, s in enumerate(steps)
+        )
+
+    def scores(self, row: dict) -> dict[str, dict]:
+        """The variant's latest scores by metric (empty when it was never evaluated)."""
+        if not row.get("eval_key"):
+            return {}
+        out = {}
+        for s in self.query("select * from scores where eval_key = ? order by id", [row["eval_key"]]):
+            out[s["metric"]] = {"value": s["value"], "unit": s["unit"], "method": json.loads(s["method_json"]),
+                                "method_id": s["method_id"], "versions": json.loads(s["versions_json"]),
+                                "engine_version": s["engine_version"], "created": s["created"]}
+        return out
+
+    def _record_scores(self, evaluation: dict, artifact_key: str, engine_version: str) -> None:
+        for score in evaluation["scores"]:
+            self.conn.execute(
+                "insert or ignore into scores (eval_key, artifact_key, metric, value, unit, method_json, method_id,"
+                " versions_json, engine_version, created) values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [evaluation["key"], artifact_key, score["metric"], score["value"], score["unit"],
+                 json.dumps(score["method"], sort_keys=True), score["method_id"],
+                 json.dumps(evaluation["versions"], sort_keys=True), engine_version, _now()])
 
     def _upsert_artifact(self, artifact: dict, files: list[dict]) -> None:
         """Artifact rows mirror the store manifest (a --force rebuild may change the bytes)."""

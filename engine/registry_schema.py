@@ -44,3 +44,15 @@ def m001_initial(db: sqlite_utils.Database) -> None:
         pk="id",
         foreign_keys=[("variant_id", "variants", "id")],
     )
+
+
+@migrations()
+def m002_scores(db: sqlite_utils.Database) -> None:
+    """Evaluation scores, kept per eval step key; a variant points at its latest evaluation."""
+    db["variants"].add_column("eval_key", str)
+    db["scores"].create(
+        {"id": int, "eval_key": str, "artifact_key": str, "metric": str, "value": float, "unit": str,
+         "method_json": str, "method_id": str, "versions_json": str, "engine_version": str, "created": str},
+        pk="id",
+    )
+    db["scores"].create_index(["eval_key", "metric"], unique=True)

@@ -78,7 +78,7 @@ def test_migrations_recorded_and_idempotent(tmp_path):
     assert migrations.pending(reg.db) == []
     names = [r[0] for r in sqlite3.connect(tmp_path / "registry.db").execute(
         "select name from _sqlite_migrations where migration_set = 'engine.registry'")]
-    assert names == ["m001_initial"]
+    assert names == ["m001_initial", "m002_scores"]
     assert tuple(m.name for m in migrations.pending(sqlite_utils.Database(memory=True))) == MIGRATIONS
 
 

@@ -74,6 +74,13 @@ class Model(ABC):
         """New token ids for each prompt. Runtimes that can batch override this."""
         return [list(self.stream_ids(ids, sampling)) for ids in batch]
 
+    def logits(self, ids: list[int]) -> Any:
+        """Next-token logits at every position of `ids`: a float numpy array [len(ids), vocab].
+
+        Evaluation scores the shipped artifact through this, so every runtime provides it.
+        """
+        raise EngineError(f"runtime {self.info['runtime']} cannot return logits, so it cannot be evaluated")
+
     # -- what users call -------------------------------------------------------------------------
     def generate(self, prompt: str | list[str], max_new_tokens: int = 64, *, do_sample: bool = False,
                  temperature: float | None = None, top_p: float | None = None,

@@ -154,6 +154,13 @@ class OrtGenAIModel(Model):
         params.set_search_options(**search)
         return params
 
+    def logits(self, ids: list[int]) -> Any:
+        import numpy as np
+
+        generator = self._og.Generator(self.native, self._params(len(ids), 1, Sampling(max_new_tokens=1)))
+        generator.append_tokens([ids])
+        return np.asarray(generator.get_output("logits"))[0].astype(np.float32)
+
     def stream_ids(self, ids: list[int], sampling: Sampling) -> Iterator[int]:
         generator = self._og.Generator(self.native, self._params(len(ids), 1, sampling))
         generator.append_tokens([ids])
