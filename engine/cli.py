@@ -41,20 +41,27 @@ def cli(ctx: click.Context, registry: str | None, store: str | None) -> None:
 @click.argument("files", nargs=-1, required=True, type=click.Path())
 def validate(files: tuple[str, ...]) -> None:
     """Check recipes against the schema (and their runtime's) without running anything."""
-    from .recipe import load_recipe
+    from .recipe import load_recipes
 
     bad = 0
     for name in files:
         try:
-            recipe = load_recipe(name)
+            recipes, skipped = load_recipes(name)
         except RecipeInvalid as error:
             bad += 1
             click.echo(error.message, err=True)
             continue
-        click.echo(f"{name}: ok ({recipe.name}, runtime {recipe.runtime})")
+        for recipe in recipes:
+            click.echo(f"{name}: ok ({recipe.name}, runtime {recipe.runtime})")
+        _print_skipped(skipped)
     if bad:
         click.echo(f"{bad} of {len(files)} recipe(s) invalid", err=True)
         sys.exit(EXIT_INVALID_RECIPE)
+
+
+def _print_skipped(skipped) -> None:
+    for item in skipped:
+        click.echo(f"skipped {item.name}: {item.reason}", err=True)
 
 
 @cli.command()
@@ -77,9 +84,13 @@ def schema(runtime: str | None) -> None:
 def apply(loc: Locations, recipes: tuple[str, ...], dry_run: bool, force: bool) -> None:
     """Validate, plan, run the missing steps and register each recipe's variant."""
     from .pipeline import apply as run_apply
-    from .recipe import load_recipe
+    from .recipe import load_recipes
 
-    loaded = [load_recipe(path) for path in recipes]  # every recipe valid before any work
+    loaded = []
+    for path in recipes:  # every recipe valid before any work
+        variants, skipped = load_recipes(path)
+        _print_skipped(skipped)
+        loaded += variants
     for recipe in loaded:
         with _progress(recipe.name) as progress:
             result = run_apply(recipe, loc, force=force, dry_run=dry_run, progress=progress)
@@ -213,14 +224,21 @@ def ls_cmd(loc: Locations, as_json: bool, all_versions: bool) -> None:
     """List the registered variants."""
     from .render import ls_row, ls_table
 
-    rows = (_with_registry(loc, lambda reg: reg.variants(all_versions=all_versions))
-            if loc.registry.exists() else [])
+    def collect(reg):
+        rows = reg.variants(all_versions=all_versions)
+        return rows, [reg.scores(r) for r in rows]
+
+    rows, scored = _with_registry(loc, collect) if loc.registry.exists() else ([], [])
     if as_json:
-        click.echo(json.dumps([ls_row(r) for r in rows], indent=2))
+        click.echo(json.dumps([ls_row(r, s) for r, s in zip(rows, scored)], indent=2))
     elif not rows:
         click.echo(f"no variants in {loc.registry}; run `engine apply RECIPE.yaml`", err=True)
     else:
-        _console().print(ls_table(rows))
+        table, notes = ls_table(rows, scored)
+        console = _console()
+        console.print(table)
+        for note in notes:
+            console.print(note)
 
 
 @cli.command()
@@ -233,7 +251,8 @@ def show(loc: Locations, ref: str, as_json: bool) -> None:
 
     def collect(reg):
         row = reg.get(ref)
-        return show_doc(row, reg.files(row["artifact_key"]), reg.steps(row["id"]))
+        row = {**row, "artifact_meta_json": reg.artifact_meta(row["artifact_key"])}
+        return show_doc(row, reg.files(row["artifact_key"]), reg.steps(row["id"]), reg.scores(row))
 
     doc = _with_registry(loc, collect)
     if as_json:
@@ -243,6 +262,60 @@ def show(loc: Locations, ref: str, as_json: bool) -> None:
     for part in show_text(doc):
         console.print(part)
         console.print()
+
+
+@cli.command()
+@click.argument("a")
+@click.argument("b")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def diff(loc: Locations, a: str, b: str, as_json: bool) -> None:
+    """Compare two variants: recipe fields, files, scores (only like-for-like scores get a delta)."""
+    from .diff import diff_text, diff_variants
+
+    def collect(reg):
+        ra, rb = reg.get(a), reg.get(b)
+        return diff_variants(ra, rb, reg.files(ra["artifact_key"]), reg.files(rb["artifact_key"]),
+                             reg.scores(ra), reg.scores(rb))
+
+    doc = _with_registry(loc, collect)
+    if as_json:
+        click.echo(json.dumps(doc, indent=2))
+        return
+    console = _console()
+    for part in diff_text(doc):
+        console.print(part)
+
+
+@cli.command()
+@click.argument("patterns", nargs=-1)
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default="report.html", show_default=True,
+              help="The HTML page to write (self-contained).")
+@click.option("--png", type=click.Path(dir_okay=False), help="Also the plot as a PNG. [default: OUTPUT with .png]")
+@click.option("--metric", type=click.Choice(["perplexity", "kl_divergence"]), default="perplexity",
+              show_default=True, help="The quality axis of the Pareto plot.")
+@click.pass_obj
+def report(loc: Locations, patterns: tuple[str, ...], output: str, png: str | None, metric: str) -> None:
+    """Write an HTML page (and PNG) with the variants' scores and a size-vs-quality Pareto plot.
+
+    PATTERNS select variants by name (shell wildcards, e.g. 'wt2-*'); none means all.
+    """
+    from pathlib import Path
+
+    from .report import write_report
+    from .report_rows import report_rows
+
+    rows = _with_registry(loc, lambda reg: report_rows(reg, patterns))
+    if not rows:
+        raise VariantNotFound("no variant matches " + " ".join(patterns) if patterns else "the registry is empty")
+    png_path = Path(png) if png else Path(output).with_suffix(".png")
+    result = write_report(rows, Path(output), png_path, y_metric=metric)
+    click.echo(f"wrote {output} and {png_path}: {result['plotted']} plotted, "
+               f"Pareto front: {', '.join(result['front']) or '-'}")
+    for name in result["skipped"]:
+        click.echo(f"  not plotted (no {metric} or size): {name}", err=True)
+    for item in result["not_comparable"]:
+        click.echo(f"  not comparable (different evaluation method): {item['name']}", err=True)
 
 
 @cli.command()

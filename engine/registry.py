@@ -122,6 +122,10 @@ class Registry:
         return (self.query(
             "select path, size, sha256 from files where artifact_key = ? order by path", [artifact_key]))
 
+    def artifact_meta(self, artifact_key: str) -> str | None:
+        rows = self.query("select meta_json from artifacts where key = ?", [artifact_key])
+        return rows[0]["meta_json"] if rows else None
+
     def steps(self, variant_id: int) -> list[dict]:
         return (self.query(
             "select * from steps where variant_id = ? order by position", [variant_id]))

@@ -20,13 +20,34 @@ def human_size(n: int | None) -> str:
     return f"{n} B"
 
 
-def ls_row(row: dict) -> dict:
+#: (metric, column title, format) shown by `engine ls`
+HEADLINE = (("perplexity", "ppl", "{:.2f}"), ("kl_divergence", "KL", "{:.2e}"),
+            ("top1_agreement", "top1", "{:.1%}"), ("size_ratio", "size×", "{:.2f}"),
+            ("decode_tokens_per_s", "tok/s", "{:.0f}"))
+
+
+def ls_row(row: dict, scores: dict | None = None) -> dict:
     out = {key: row.get(key) for key in LS_KEYS}
     out["source"] = json.loads(row["source_json"])["identity"] if row.get("source_json") else None
+    out["scores"] = {m: {"value": s["value"], "unit": s["unit"], "method_id": s["method_id"]}
+                     for m, s in (scores or {}).items()}
     return out
 
 
-def show_doc(row: dict, files: list[dict], steps: list[dict]) -> dict[str, Any]:
+def comparability(scored: list[dict]) -> dict[str, dict[str, str]]:
+    """metric -> {method_id: letter} for metrics measured by more than one method among the rows.
+
+    Values whose methods differ must not be read side by side: `engine ls` tags them a, b, ...
+    """
+    out: dict[str, dict[str, str]] = {}
+    for metric, _, _ in HEADLINE:
+        ids = sorted({s[metric]["method_id"] for s in scored if metric in s})
+        if len(ids) > 1:
+            out[metric] = {mid: chr(ord("a") + i) for i, mid in enumerate(ids)}
+    return out
+
+
+def show_doc(row: dict, files: list[dict], steps: list[dict], scores: dict | None = None) -> dict[str, Any]:
     """Everything recorded about one variant, as one JSON document."""
     doc = {key: row.get(key) for key in LS_KEYS}
     doc.update(
@@ -42,22 +63,49 @@ def show_doc(row: dict, files: list[dict], steps: list[dict]) -> dict[str, Any]:
             "versions": json.loads(s["versions_json"]), "finished": s["finished"],
         } for s in steps],
         files=files,
+        scores=scores or {},
+        build_meta=next((json.loads(a) for a in [row.get("artifact_meta_json")] if a), {}),
     )
     return doc
 
 
-def ls_table(rows: list[dict]):
+def ls_table(rows: list[dict], scored: list[dict]):
+    """The variants with their headline scores; returns (table, footnotes)."""
     from rich.table import Table
 
+    tags = comparability(scored)
+    shown = [(m, title, fmt) for m, title, fmt in HEADLINE if any(m in s for s in scored)]
     table = Table(box=None, header_style="bold")
-    for col in ("name", "ver", "runtime", "device", "dtype", "group", "scheme", "algo", "size", "created"):
+    for col in ("name", "ver", "runtime", "device", "dtype", "group", "scheme", "algo", "size"):
         table.add_column(col, justify="right" if col in ("ver", "group", "size") else "left")
-    for r in rows:
+    for _, title, _ in shown:
+        table.add_column(title, justify="right")
+    table.add_column("created")
+    for r, scores in zip(rows, scored):
         group = "-" if r["weight_dtype"] in ("fp16", "bf16", "fp32") else str(r["group_size"])
+        cells = []
+        for metric, _, fmt in shown:
+            score = scores.get(metric)
+            tag = tags.get(metric, {}).get(score["method_id"], "") if score else ""
+            cells.append(fmt.format(score["value"]) + (f" ({tag})" if tag else "") if score else "-")
         table.add_row(r["name"], str(r["version"]), r["runtime"], r["device"], r["weight_dtype"] or "-",
-                      group, r["scheme"] or "-", r["algorithm"] or "-", human_size(r["size_bytes"]),
-                      (r["created"] or "").replace("T", " ").rstrip("Z"))
-    return table
+                      group, r["scheme"] or "-", r["algorithm"] or "-", human_size(r["size_bytes"]), *cells,
+                      (r["created"] or "").replace("T", " ").rstrip("Z")[:16])
+    notes = []
+    for metric, letters in tags.items():
+        methods = {s[metric]["method_id"]: s[metric]["method"] for s in scored if metric in s}
+        described = "; ".join(f"({letter}) {_method_text(methods[mid])}" for mid, letter in letters.items())
+        notes.append(f"{metric}: not comparable across methods {described}")
+    return table, notes
+
+
+def _method_text(method: dict) -> str:
+    parts = []
+    for key, value in sorted(method.items()):
+        if key == "dataset_sha256":
+            value = str(value)[:12] + "…"
+        parts.append(f"{key}={value}")
+    return ", ".join(parts)
 
 
 def show_text(doc: dict) -> list:
@@ -79,6 +127,8 @@ def show_text(doc: dict) -> list:
         ("recipe", f"{doc['recipe_path'] or '-'} (sha256 {doc['recipe_sha256'][:16]}…)"),
         ("artifact", f"{doc['artifact_key']}  {human_size(doc['size_bytes'])} in {len(doc['files'])} files"),
         ("engine", doc["engine_version"]),
+        *((f"build: {k}", json.dumps(v, sort_keys=True) if not isinstance(v, str) else v)
+          for k, v in doc.get("build_meta", {}).items() if k not in ("runtime", "recipe", "builder_args")),
     ):
         head.add_row(key, str(value))
     steps = Table(title="steps", box=None, header_style="bold", title_justify="left")
@@ -92,4 +142,13 @@ def show_text(doc: dict) -> list:
         files.add_column(col, justify="right" if col == "size" else "left")
     for f in doc["files"]:
         files.add_row(f["path"], human_size(f["size"]), f["sha256"])
-    return [head, steps, files]
+    parts = [head, steps, files]
+    if doc["scores"]:
+        scores = Table(title="scores", box=None, header_style="bold", title_justify="left")
+        for col in ("metric", "value", "unit", "method", "measured"):
+            scores.add_column(col, justify="right" if col == "value" else "left")
+        for metric, s in doc["scores"].items():
+            value = f"{s['value']:.6g}"
+            scores.add_row(metric, value, s["unit"], _method_text(s["method"]), s["created"])
+        parts.insert(1, scores)
+    return parts

@@ -11,7 +11,8 @@ from typing import Any
 
 from engine.errors import RecipeInvalid, RecipeIssue
 
-__all__ = ["Recipe", "RecipeInvalid", "RecipeIssue", "load_recipe", "parse_recipe"]
+__all__ = ["Recipe", "RecipeInvalid", "RecipeIssue", "Skipped", "load_recipe", "load_recipes", "parse_recipe",
+           "parse_recipes"]
 
 
 @dataclass(frozen=True)
@@ -41,9 +42,50 @@ def parse_recipe(text: str, filename: str = "<string>", path: Path | None = None
     from engine.recipe.validate import validate
     from engine.recipe.yamlload import load_yaml
 
+    recipes, skipped = parse_recipes(text, filename, path)
+    if len(recipes) != 1 or skipped:
+        raise RecipeInvalid([RecipeIssue(filename, 0, 0, "matrix", "this recipe is a sweep (it has a matrix)",
+                                         "use load_recipes() / parse_recipes() for sweeps")])
+    return recipes[0]
+
+
+def parse_recipes(text: str, filename: str = "<string>", path: Path | None = None
+                  ) -> tuple[list[Recipe], list["Skipped"]]:
+    """Every variant a recipe defines (one, or one per matrix combination), and the combinations
+    skipped because their runtime cannot do them. Raises RecipeInvalid for anything else."""
+    from engine.recipe.matrix import Skipped, expand
+    from engine.recipe.validate import validate, validate_stages
+    from engine.recipe.yamlload import load_yaml
+
     data, positions = load_yaml(text, filename)
-    data = validate(data, positions, filename)
-    return Recipe(Path(path).resolve() if path is not None else None, text, data, positions)
+    resolved = Path(path).resolve() if path is not None else None
+    if "matrix" not in data:
+        return [Recipe(resolved, text, validate(data, positions, filename), positions)], []
+    recipes, skipped, issues = [], [], []
+    for doc, where, chosen in expand(data, positions, filename):
+        common, runtime = validate_stages(doc, where, filename)
+        if common:
+            issues += [i for i in common if i not in issues]
+        elif runtime:
+            skipped.append(Skipped(doc["name"], "; ".join(f"{i.path}: {i.message}" for i in runtime)))
+        else:
+            recipes.append(Recipe(resolved, text, doc, where))
+    if issues:
+        raise RecipeInvalid(sorted(issues, key=lambda i: (i.line, i.col, i.path)))
+    names = [r.name for r in recipes]
+    if len(set(names)) != len(names):
+        raise RecipeInvalid([RecipeIssue(filename, *positions.get(("name",), (0, 0)), "name",
+                                         "the matrix gives two combinations the same name",
+                                         "put a placeholder for every swept key in name")])
+    return recipes, skipped
+
+
+def load_recipes(path: str | Path) -> tuple[list[Recipe], list["Skipped"]]:
+    """Read a recipe file that may be a sweep; see parse_recipes."""
+    from engine.recipe.yamlload import read_text
+
+    filename = str(path)
+    return parse_recipes(read_text(Path(path), filename), filename, Path(path))
 
 
 def load_recipe(path: str | Path) -> Recipe:

@@ -40,6 +40,19 @@ def validate(data: dict[str, Any], positions: dict[DocPath, Pos], filename: str)
     return data
 
 
+def validate_stages(data: dict[str, Any], positions: dict[DocPath, Pos], filename: str
+                    ) -> tuple[list[RecipeIssue], list[RecipeIssue]]:
+    """(common-schema issues, runtime-schema issues); a sweep skips combinations failing only the latter."""
+    common = _check("recipe", data, positions, filename, None)
+    if common:
+        return common, []
+    fill_defaults(load_schema("recipe"), data)
+    runtime = data["target"]["runtime"]
+    if runtime_schema(runtime) is None:
+        return [], []
+    return [], _check(f"runtimes/{runtime}", data, positions, filename, runtime)
+
+
 def fill_defaults(schema: dict[str, Any], instance: dict[str, Any]) -> None:
     """Add each missing ``default``, descending only into objects that exist (or just got a default)."""
     for key, sub in schema.get("properties", {}).items():
