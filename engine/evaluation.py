@@ -18,7 +18,7 @@ from typing import Any
 from .errors import EngineError, SourceUnavailable
 from .hashing import content_key
 
-REFERENCE_STEP_VERSION = 1
+REFERENCE_STEP_VERSION = 2  # 2: reference log-probs stored as float32
 EVAL_STEP_VERSION = 1
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
@@ -133,7 +133,7 @@ def compute_reference(source_dir: Path, spec: dict, out_dir: Path, progress: Pro
         logprobs = scored_logprobs(logits, window)
         total += nll(logprobs, window.targets)
         count += len(window.targets)
-        np.save(out_dir / f"ref-{i:04d}.npy", logprobs.astype(np.float16))
+        np.save(out_dir / f"ref-{i:04d}.npy", logprobs.astype(np.float32))  # fp16 is too coarse for small KLs
     meta = {
         "windows": [{"input_ids": w.input_ids, "first_scored": w.first_scored} for w in windows],
         "source_perplexity": perplexity(total, count), "scored_tokens": count,

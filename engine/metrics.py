@@ -67,7 +67,7 @@ def nll(logprobs: np.ndarray, targets: np.ndarray) -> float:
 
 def kl_and_top1(ref_logprobs: np.ndarray, logprobs: np.ndarray) -> tuple[float, int]:
     """(summed KL(ref || variant) over positions, number of positions whose argmax agrees)."""
-    ref = ref_logprobs.astype(np.float64)
+    ref = log_softmax(ref_logprobs)  # renormalise: a stored reference may have lost precision
     kl = float((np.exp(ref) * (ref - logprobs)).sum())
     agree = int((ref.argmax(axis=-1) == logprobs.argmax(axis=-1)).sum())
     return kl, agree

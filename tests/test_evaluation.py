@@ -1,0 +1,188 @@
+"""Evaluation end to end: scores recorded and compared, cached as steps, sweeps, the report.
+
+The quick tests run on a synthetic model; the ones marked shared_data run the trained fixture on
+WikiText-2 and check the numbers against an independent transformers computation."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("onnxruntime_genai", reason="the onnxruntime-genai runtime is not installed")
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+FIXTURE = DATA / "models" / "wt2-phi3-7m"
+WIKI = DATA / "wikitext-2" / "wiki.test.raw"
+TEXT = ("The river rises in the hills and flows west through the old town , where a stone bridge was built "
+        "in the twelfth century . Its valley was farmed for many generations , and the town grew around "
+        "the market that was held beside the water every week . ") * 40
+
+
+def engine(*args: str, cwd: Path, check: int | None = 0) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "engine", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=1800)
+    if check is not None:
+        assert proc.returncode == check, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def scores(cwd: Path, name: str) -> dict:
+    return {m: s["value"] for m, s in json.loads(engine("show", name, "--json", cwd=cwd).stdout)["scores"].items()}
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory) -> Path:
+    """A synthetic sweep int8 x int4 on onnxruntime-genai, evaluated on a text the test writes."""
+    work = tmp_path_factory.mktemp("eval")
+    (work / "text.txt").write_text(TEXT)
+    (work / "sweep.yaml").write_text("""\
+name: ev-{weight_dtype}
+source: {synthetic: {architecture: phi3, seed: 0}}
+quantization: {group_size: 32}
+target: {runtime: onnxruntime-genai}
+matrix:
+  quantization.weight_dtype: [int8, int4, nf4]
+eval:
+  perplexity: {dataset: text.txt, window: 64, max_windows: 4}
+  speed: {prompt_tokens: 16, new_tokens: 8}
+""")
+    proc = engine("apply", "sweep.yaml", cwd=work)
+    assert "skipped ev-nf4" in proc.stderr and "not supported by runtime 'onnxruntime-genai'" in proc.stderr
+    return work
+
+
+def test_scores_recorded_with_their_method(swept):
+    doc = json.loads(engine("show", "ev-int8", "--json", cwd=swept).stdout)
+    s = doc["scores"]
+    assert {"perplexity", "source_perplexity", "kl_divergence", "top1_agreement", "size_bytes", "size_ratio",
+            "load_seconds", "prefill_tokens_per_s", "decode_tokens_per_s"} <= set(s)
+    assert s["perplexity"]["method"] == {"bos": True, "dataset_sha256": s["perplexity"]["method"]["dataset_sha256"],
+                                         "fidelity": True, "max_windows": 4, "stride": 64, "window": 64}
+    assert s["perplexity"]["versions"]["onnxruntime-genai"] and s["perplexity"]["engine_version"]
+    assert s["decode_tokens_per_s"]["method"]["threads"] == os.cpu_count()
+    assert s["size_bytes"]["value"] == doc["size_bytes"]
+    assert math.isfinite(s["perplexity"]["value"]) and s["kl_divergence"]["value"] >= 0
+    assert [st["kind"] for st in doc["steps"]] == ["source", "build", "reference", "eval"]
+
+
+def test_int8_is_closer_to_the_source_than_int4(swept):
+    int8, int4 = scores(swept, "ev-int8"), scores(swept, "ev-int4")
+    assert int8["kl_divergence"] < int4["kl_divergence"]
+    assert int8["top1_agreement"] >= int4["top1_agreement"]
+    assert int8["source_perplexity"] == int4["source_perplexity"]  # one reference pass, shared
+
+
+def test_reapply_is_a_no_op_and_window_change_rescores_without_rebuilding(swept):
+    out = engine("apply", "sweep.yaml", cwd=swept).stdout
+    assert out.count("up to date, nothing rebuilt") == 2
+    before = {n: json.loads(engine("show", n, "--json", cwd=swept).stdout) for n in ("ev-int8", "ev-int4")}
+    sweep = swept / "sweep.yaml"
+    sweep.write_text(sweep.read_text().replace("window: 64", "window: 32"))
+    out = engine("apply", "sweep.yaml", cwd=swept).stdout
+    assert "built (reference" in out and "build " not in out.replace("built (", "")
+    for name, old in before.items():
+        new = json.loads(engine("show", name, "--json", cwd=swept).stdout)
+        assert new["version"] == old["version"] and new["artifact_key"] == old["artifact_key"]
+        assert new["scores"]["perplexity"]["method"]["window"] == 32
+        assert new["scores"]["perplexity"]["method_id"] != old["scores"]["perplexity"]["method_id"]
+        build = [s for s in new["steps"] if s["kind"] == "build"][0]
+        assert build["cached"] is True
+    sweep.write_text(sweep.read_text().replace("window: 32", "window: 64"))
+    assert engine("apply", "sweep.yaml", cwd=swept).stdout.count("nothing rebuilt") == 2  # both evals cached
+
+
+def test_ls_marks_scores_of_different_methods_as_not_comparable(swept, tmp_path):
+    other = swept / "other.yaml"
+    other.write_text("""\
+name: ev-int4-w16
+source: {synthetic: {architecture: phi3, seed: 0}}
+quantization: {weight_dtype: int4, group_size: 32}
+target: {runtime: onnxruntime-genai}
+eval: {perplexity: {dataset: text.txt, window: 16, max_windows: 4}, speed: {enabled: false}}
+""")
+    engine("apply", "other.yaml", cwd=swept)
+    out = engine("ls", cwd=swept).stdout
+    assert "perplexity: not comparable across methods" in out and "window=16" in out
+    diff = json.loads(engine("diff", "ev-int4", "ev-int4-w16", "--json", cwd=swept).stdout)
+    assert diff["same_artifact"] and diff["files"]["changed"] == []
+    ppl = next(s for s in diff["scores"] if s["metric"] == "perplexity")
+    assert ppl["comparable"] is False and ppl["delta"] is None
+    diff = json.loads(engine("diff", "ev-int8", "ev-int4", "--json", cwd=swept).stdout)
+    kl = next(s for s in diff["scores"] if s["metric"] == "kl_divergence")
+    assert kl["comparable"] and kl["delta"] > 0
+    assert {"field": "quantization.weight_dtype", "a": "int8", "b": "int4"} in diff["recipe"]
+    engine("rm", "ev-int4-w16", cwd=swept)
+
+
+def test_report_writes_html_and_png(swept):
+    pytest.importorskip("matplotlib", reason="the report extra is not installed")
+    out = engine("report", "ev-*", "-o", "r.html", cwd=swept).stdout
+    assert "Pareto front:" in out
+    html = (swept / "r.html").read_text()
+    assert "ev-int8@1" in html and "ev-int4@1" in html and "data:image/png;base64," in html
+    assert (swept / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _runtimes_present() -> list[str]:
+    present = ["onnxruntime-genai"]
+    for runtime, module, package in (("openvino", "openvino", "optimum"), ("itrex", "itrex", "neural_compressor")):
+        if importlib.util.find_spec(f"engine.runtimes.{module}") and importlib.util.find_spec(package):
+            present.append(runtime)
+    return present
+
+
+@pytest.mark.shared_data
+def test_trained_fixture_sweep_two_runtimes_two_dtypes(tmp_path):
+    if not (FIXTURE.is_dir() and WIKI.is_file()):
+        pytest.skip(f"needs {FIXTURE} and {WIKI} (../shared/data beside the project)")
+    runtimes = _runtimes_present()[:2]
+    if len(runtimes) < 2:
+        pytest.skip("needs two runtimes installed")
+    (tmp_path / "sweep.yaml").write_text(f"""\
+name: wt2-{{runtime}}-{{weight_dtype}}
+source: {{path: {FIXTURE}}}
+quantization: {{group_size: 32, scheme: asym}}
+target: {{runtime: onnxruntime-genai}}
+matrix:
+  quantization.weight_dtype: [int8, int4]
+  target.runtime: {json.dumps(runtimes)}
+eval:
+  perplexity: {{dataset: {WIKI}, window: 256, max_windows: 8}}
+""")
+    engine("apply", "sweep.yaml", cwd=tmp_path)
+    rows = {r["name"]: r for r in json.loads(engine("ls", "--json", cwd=tmp_path).stdout)}
+    assert len(rows) == 4
+    for runtime in runtimes:
+        int8, int4 = rows[f"wt2-{runtime}-int8"]["scores"], rows[f"wt2-{runtime}-int4"]["scores"]
+        assert int8["kl_divergence"]["value"] < int4["kl_divergence"]["value"], runtime
+        assert int8["perplexity"]["method_id"] == int4["perplexity"]["method_id"]
+    source_ppl = next(iter(rows.values()))["scores"]["source_perplexity"]["value"]
+    assert source_ppl == pytest.approx(_direct_perplexity(window=256, max_windows=8), rel=0.005)
+    out = engine("report", "wt2-*", "-o", "report.html", cwd=tmp_path).stdout
+    assert "Pareto front:" in out and (tmp_path / "report.png").is_file()
+    assert engine("apply", "sweep.yaml", cwd=tmp_path).stdout.count("nothing rebuilt") == 4
+
+
+def _direct_perplexity(window: int, max_windows: int) -> float:
+    """The same method written out directly with transformers: [BOS] + 256 tokens, all scored."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(FIXTURE)
+    model = AutoModelForCausalLM.from_pretrained(FIXTURE, dtype=torch.float32).eval()
+    ids = tok(WIKI.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
+    total, count = 0.0, 0
+    for start in range(0, window * max_windows, window):
+        chunk = torch.tensor([[tok.bos_token_id] + ids[start:start + window]])
+        with torch.no_grad():
+            loss = model(chunk, labels=chunk).loss.item()  # mean over the 256 predicted tokens
+        total += loss * window
+        count += window
+    return math.exp(total / count)
