@@ -254,14 +254,7 @@ def show(loc: Locations, ref: str, as_json: bool) -> None:
         row = {**row, "artifact_meta_json": reg.artifact_meta(row["artifact_key"])}
         return show_doc(row, reg.files(row["artifact_key"]), reg.steps(row["id"]), reg.scores(row))
 
-    doc = _with_registry(loc, collect)
-    if as_json:
-        click.echo(json.dumps(doc, indent=2))
-        return
-    console = _console()
-    for part in show_text(doc):
-        console.print(part)
-        console.print()
+    _emit(_with_registry(loc, collect), as_json, show_text, gap=True)
 
 
 @cli.command()
@@ -278,13 +271,7 @@ def diff(loc: Locations, a: str, b: str, as_json: bool) -> None:
         return diff_variants(ra, rb, reg.files(ra["artifact_key"]), reg.files(rb["artifact_key"]),
                              reg.scores(ra), reg.scores(rb))
 
-    doc = _with_registry(loc, collect)
-    if as_json:
-        click.echo(json.dumps(doc, indent=2))
-        return
-    console = _console()
-    for part in diff_text(doc):
-        console.print(part)
+    _emit(_with_registry(loc, collect), as_json, diff_text)
 
 
 @cli.command()
@@ -376,6 +363,18 @@ def gc(loc: Locations, dry_run: bool) -> None:
     if not dry_run:
         store.sweep_staging()
     click.echo(f"{'would free' if dry_run else 'freed'} {human_size(freed)}")
+
+
+def _emit(doc: dict, as_json: bool, render, gap: bool = False) -> None:
+    """A document as stable JSON, or as the renderables `render(doc)` makes for people."""
+    if as_json:
+        click.echo(json.dumps(doc, indent=2))
+        return
+    console = _console()
+    for part in render(doc):
+        console.print(part)
+        if gap:
+            console.print()
 
 
 def _with_registry(loc: Locations, fn):
