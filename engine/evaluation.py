@@ -108,6 +108,9 @@ def eval_key(build_key: str, reference: str | None, spec: dict, versions: dict) 
 # -- the reference pass -----------------------------------------------------------------------------
 def compute_reference(source_dir: Path, spec: dict, out_dir: Path, progress: Progress) -> dict:
     """Tokenize the dataset with the source tokenizer and score the source model (fp32, PyTorch)."""
+    from .quiet import quiet_transformers
+
+    quiet_transformers()
     import numpy as np
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

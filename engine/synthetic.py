@@ -100,6 +100,9 @@ def _config(spec: dict[str, Any], vocab_size: int, ids: dict[str, int]) -> Any:
 
 def make_synthetic_model(spec: dict[str, Any], out_dir: Path) -> None:
     """Write config, float32 safetensors weights, generation config and tokenizer to ``out_dir``."""
+    from .quiet import quiet_transformers
+
+    quiet_transformers()
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerFast
 
