@@ -91,13 +91,25 @@ def apply(loc: Locations, recipes: tuple[str, ...], dry_run: bool, force: bool) 
         variants, skipped = load_recipes(path)
         _print_skipped(skipped)
         loaded += variants
-    for recipe in loaded:
-        with _progress(recipe.name) as progress:
-            result = run_apply(recipe, loc, force=force, dry_run=dry_run, progress=progress)
+    failed: list[EngineError] = []
+    for recipe in loaded:  # one failing variant of a sweep does not stop the others
+        try:
+            with _progress(recipe.name) as progress:
+                result = run_apply(recipe, loc, force=force, dry_run=dry_run, progress=progress)
+        except EngineError as error:
+            if len(loaded) == 1:
+                raise
+            failed.append(error)
+            click.echo(f"{recipe.name}: FAILED: {error.message}" + (f"\n  hint: {error.hint}" if error.hint else ""),
+                       err=True)
+            continue
         if dry_run:
             _print_plan(result)
         else:
             _print_applied(result)
+    if failed:
+        click.echo(f"{len(failed)} of {len(loaded)} variant(s) failed", err=True)
+        sys.exit(failed[0].exit_code)
 
 
 def _print_plan(result) -> None:
