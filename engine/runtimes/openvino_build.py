@@ -1,0 +1,87 @@
+"""Child process of runtime `openvino`: export a Hugging Face causal LM to OpenVINO IR and compress
+its weights with NNCF, through optimum-intel's public API only.
+
+    python -m engine.runtimes.openvino_build JOB.json
+
+JOB.json (written by engine.runtimes.openvino) holds the source folder, the output folder, the build
+parameters (the exact OVWeightQuantizationConfig arguments), the calibration texts if any, and where
+to write the facts worth recording. Everything runs offline; the parent sends our output to the
+step's build log and kills us if it dies, so nothing here needs to clean up after a crash.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+_LOW_BIT = {"u4", "i4", "nf4", "f4e2m1", "f8e8m0", "u8", "i8"}
+
+
+def say(message: str) -> None:
+    print(f"[engine] {message}", flush=True)
+
+
+def truncate(tokenizer: Any, texts: list[str], seq_len: int) -> list[str]:
+    """Each text cut to `seq_len` tokens (optimum-intel tokenizes a list of strings untruncated)."""
+    out = []
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        out.append(text if len(ids) <= seq_len else tokenizer.decode(ids[:seq_len]))
+    return out
+
+
+def weight_bytes(model: Any) -> dict[str, int]:
+    """Bytes of constant data per element type in the IR (u4/u8/nf4... are compressed weights)."""
+    sizes: Counter[str] = Counter()
+    for op in model.get_ops():
+        if op.get_type_name() != "Constant":
+            continue
+        element = op.get_element_type()
+        if element.is_real() or element.to_string() in _LOW_BIT:
+            sizes[element.to_string()] += op.get_byte_size()
+    return dict(sorted(sizes.items()))
+
+
+def main(argv: list[str]) -> int:
+    job = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
+    params, source, out = job["params"], Path(job["source"]), Path(job["out"])
+    say("importing openvino, optimum-intel, nncf, transformers")
+    import openvino as ov
+    from optimum.intel import OVModelForCausalLM, OVWeightQuantizationConfig
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    kwargs: dict[str, Any] = {"export": True, "compile": False}
+    facts: dict[str, Any] = {"precision": params["precision"]}
+    if params["precision"] in ("fp16", "fp32"):
+        kwargs["load_in_8bit"] = False  # optimum-intel would otherwise compress models > 1B to int8
+    else:
+        config = dict(params["config"])
+        if job.get("texts") is not None:
+            texts = truncate(tokenizer, job["texts"], params["calibration"]["seq_len"])
+            config.update(dataset=texts, num_samples=len(texts), tokenizer=str(source))
+            facts["calibration_samples"] = len(texts)
+        kwargs["quantization_config"] = OVWeightQuantizationConfig(**config)
+    say(f"exporting {source.name} to OpenVINO IR ({params['precision']})")
+    model = OVModelForCausalLM.from_pretrained(str(source), **kwargs)
+    model.save_pretrained(out)
+    if params["precision"] == "fp16":
+        ov.save_model(model.model, out / "openvino_model.xml", compress_to_fp16=True)
+    tokenizer.save_pretrained(out)
+    if params.get("openvino_tokenizer"):
+        say("converting the tokenizer (openvino-tokenizers)")
+        from openvino_tokenizers import convert_tokenizer
+
+        ov_tokenizer, ov_detokenizer = convert_tokenizer(tokenizer, with_detokenizer=True)
+        ov.save_model(ov_tokenizer, out / "openvino_tokenizer.xml")
+        ov.save_model(ov_detokenizer, out / "openvino_detokenizer.xml")
+    facts["weight_bytes"] = weight_bytes(ov.Core().read_model(out / "openvino_model.xml"))
+    Path(job["facts"]).write_text(json.dumps(facts, sort_keys=True), encoding="utf-8")
+    say("done")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
