@@ -1,0 +1,338 @@
+"""The `itrex` build job, run as a child process: quantize with Intel Neural Compressor 3.x, save, reload.
+
+    python -m engine.runtimes.itrex_build JOB.json
+
+JOB.json (written by ItrexRuntime.build) names the source folder, the output folder, the INC settings
+and the calibration texts; the child writes RESULT.json beside it: the facts for the registry, or
+{"error", "hint"} for a mistake only the model can reveal (a skip_modules entry matching nothing).
+Running in a child means a crash in native code or a kill leaves nothing but a staging folder
+nobody trusts, and INC's chatty logging lands in the step's build log.
+
+Artifact layout (everything needed to reload without re-quantizing):
+    quantized_weight.pt, qconfig.json    INC's own save format (packed low-bit weights + per-layer config)
+    config.json, generation_config.json, tokenizer files    copied from the source
+    itrex.json    the engine's record: settings, INC config, storage dtypes, the probe logits hash
+Unquantized tensors (embeddings, norms, lm_head) are stored in the source dtype when that is exact,
+and computed in fp32 after loading.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+FORMAT = 1
+#: files of the source folder that are not weights and travel with the artifact
+_COPY = ("*.json", "*.jinja", "*.model", "*.tiktoken", "*.txt")
+_WEIGHT_FILES = re.compile(r"(\.safetensors|\.bin|\.pt|\.pth|\.gguf)$|\.index\.json$")
+PROBE_TEXT = "The quick brown fox jumps over the lazy dog, then rests by the river."
+#: per decoder block: module whose output scale can absorb the input scale of these Linear layers
+#: (tried in order; an entry applies when every module exists and the widths agree)
+ABSORB_CANDIDATES = (
+    ("input_layernorm", ("self_attn.qkv_proj",)),  # phi3
+    ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),  # llama, mistral, qwen2
+    ("post_attention_layernorm", ("mlp.gate_up_proj",)),  # phi3
+    ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),  # llama, mistral, qwen2
+    ("self_attn.v_proj", ("self_attn.o_proj",)),  # only without grouped-query attention
+    ("mlp.up_proj", ("mlp.down_proj",)),
+)
+
+
+class UserError(Exception):
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.hint = hint
+
+
+def say(message: str) -> None:
+    print(f"[itrex] {message}", flush=True)
+
+
+# -- the job ---------------------------------------------------------------------------------------
+def run(job: dict) -> dict:
+    import torch
+
+    started = time.perf_counter()
+    torch.manual_seed(job["seed"])
+    source, out = Path(job["source_dir"]), Path(job["out_dir"])
+    model, tokenizer, source_dtype = load_source(source)
+    fp32_modules = resolve_skip_modules(model, job["skip_modules"])
+    config, layer_map = make_config(job, model, fp32_modules)
+    say(f"quantizing with {type(config).__name__} {job['inc']}")
+    samples = calibration_ids(tokenizer, job.get("calibration_texts"), job.get("seq_len", 512))
+    t0 = time.perf_counter()
+    model = quantize(model, config, job["algorithm"], samples, job.get("teq", {}))
+    seconds = time.perf_counter() - t0
+    probe_ids = tokenizer(PROBE_TEXT)["input_ids"][:32]
+    probe = logits_digest(model, probe_ids)
+    layers = quantized_layers(model)
+    stored = save(model, out, source, source_dtype)
+    del model
+    reloaded = logits_digest(load_quantized(out), probe_ids)
+    if reloaded != probe:
+        raise RuntimeError(f"the saved artifact does not reload identically ({probe} != {reloaded})")
+    say(f"saved and reloaded identically (probe logits sha256 {probe[:16]})")
+    record = {
+        "format": FORMAT, "algorithm": job["algorithm"], "itrex": job["itrex"], "inc_class": type(config).__name__,
+        "inc_config": compact_config(config), "layer_map": layer_map, "fp32_modules": fp32_modules,
+        "quantized_layers": len(layers), "storage": stored, "source_dtype": str(source_dtype).replace("torch.", ""),
+        "probe": {"text": PROBE_TEXT, "ids": probe_ids, "logits_sha256": probe},
+        "calibration_samples": len(samples), "teq": job.get("teq") or None,
+    }
+    (out / "itrex.json").write_text(json.dumps(_jsonable(record), indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    record["quantize_seconds"] = round(seconds, 3)
+    record["build_seconds"] = round(time.perf_counter() - started, 3)
+    return _jsonable(record)
+
+
+def load_source(source: Path) -> tuple[Any, Any, Any]:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(source)
+    source_dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+    if isinstance(source_dtype, str):
+        source_dtype = getattr(torch, source_dtype)
+    say(f"loading {source} (stored as {source_dtype}, quantized from fp32)")
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    model.eval()
+    return model, AutoTokenizer.from_pretrained(source), source_dtype
+
+
+def linear_names(model: Any) -> list[str]:
+    import torch
+
+    return [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
+
+
+def resolve_skip_modules(model: Any, entries: list[str]) -> list[str]:
+    """Linear layers kept in full precision: each entry names a layer or a subtree (`model.layers.0`)."""
+    names = linear_names(model)
+    matched: list[str] = []
+    for entry in entries:
+        hits = [n for n in names if n == entry or n.startswith(entry + ".")]
+        if not hits:
+            shown = ", ".join(names[:10]) + (" ..." if len(names) > 10 else "")
+            raise UserError(f"quantization.skip_modules: '{entry}' matches no Linear layer of this model",
+                            hint=f"Linear layers here: {shown}")
+        matched += [h for h in hits if h not in matched]
+    return matched
+
+
+def block_prefix(model: Any) -> tuple[str, int]:
+    """Name and length of the decoder's list of blocks (model.layers)."""
+    import torch
+
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and name.endswith("layers") and len(module):
+            return name, len(module)
+    raise UserError("AWQ/TEQ need the decoder blocks (a `layers` list) and found none in this model",
+                    hint="use algorithm rtn or gptq for this architecture")
+
+
+def absorb_map(model: Any) -> dict[str, list[str]]:
+    """Per-block relative map {absorbing module: [Linear layers whose input scale it absorbs]}.
+
+    INC's own detection traces the model and breaks on current transformers, so the map is given by
+    module names, checked against the layer widths. Skipped (fp32) layers stay in their group: the
+    absorbed scale must reach every consumer of the scaled output; INC scales them and leaves them fp32.
+    """
+    prefix, _ = block_prefix(model)
+    modules = dict(model.named_modules())
+    found: dict[str, list[str]] = {}
+    for absorber, absorbed in ABSORB_CANDIDATES:
+        block0 = [modules.get(f"{prefix}.0.{n}") for n in (absorber, *absorbed)]
+        if any(m is None for m in block0) or absorber in found:
+            continue
+        width = getattr(block0[0], "out_features", None) or block0[0].weight.shape[0]
+        if all(m.in_features == width for m in block0[1:]):
+            found[absorber] = list(absorbed)
+    if not found:
+        raise UserError("AWQ/TEQ found no known layer pattern (input_layernorm -> q/k/v or qkv_proj, ...)",
+                        hint="use algorithm rtn or gptq for this architecture")
+    return found
+
+
+def make_config(job: dict, model: Any, fp32_modules: list[str]) -> tuple[Any, dict]:
+    from neural_compressor.torch import quantization as inc
+
+    cls = {"rtn": inc.RTNConfig, "awq": inc.AWQConfig, "teq": inc.TEQConfig, "gptq": inc.GPTQConfig}[job["algorithm"]]
+    kwargs = dict(job["inc"])
+    layer_map: dict = {}
+    if job["algorithm"] == "awq":
+        layer_map = absorb_map(model)
+        kwargs["absorb_layer_dict"] = {k: tuple(v) if len(v) > 1 else v[0] for k, v in layer_map.items()}
+    elif job["algorithm"] == "teq":
+        prefix, count = block_prefix(model)
+        layer_map = absorb_map(model)
+        kwargs["absorb_to_layer"] = {f"{prefix}.{i}.{k}": [f"{prefix}.{i}.{x}" for x in v]
+                                     for i in range(count) for k, v in layer_map.items()}
+    config = cls(**kwargs)
+    skip_kwargs = {"use_layer_wise": False} if job["algorithm"] in ("rtn", "awq", "gptq") else {}
+    for name in fp32_modules:
+        config.set_local(re.escape(name) + "$", cls(dtype="fp32", **skip_kwargs))
+    return config, layer_map
+
+
+def compact_config(config: Any) -> dict:
+    """INC's config as a dict, without bookkeeping; local (per-layer) entries list only what differs."""
+    drop = {"params_list", "non_tunable_params", "_is_initialized", "model_path", "white_list"}
+    full = config.to_dict()
+    if "global" not in full:
+        return {"global": {k: v for k, v in full.items() if k not in drop}, "local": {}}
+    glob = {k: v for k, v in full["global"].items() if k not in drop}
+    if "absorb_to_layer" in glob:  # one entry per block and layer: shown per block in layer_map instead
+        glob["absorb_to_layer"] = f"layer_map applied to each block ({len(glob['absorb_to_layer'])} entries)"
+    local = {name: {"dtype": "fp32"} if cfg.get("dtype") == "fp32"  # the rest of a skipped layer's config is moot
+             else {k: v for k, v in cfg.items() if k not in drop and glob.get(k) != v}
+             for name, cfg in full.get("local", {}).items()}
+    return {"global": glob, "local": local}
+
+
+def calibration_ids(tokenizer: Any, texts: list[str] | None, seq_len: int) -> list[Any]:
+    import torch
+
+    if not texts:
+        return []
+    samples = [tokenizer(t, truncation=True, max_length=seq_len)["input_ids"] for t in texts]
+    return [torch.tensor([ids]) for ids in samples if ids]
+
+
+def quantize(model: Any, config: Any, algorithm: str, samples: list[Any], teq: dict) -> Any:
+    import torch
+    from neural_compressor.torch.quantization import convert, prepare
+
+    if algorithm == "rtn":
+        with torch.no_grad():
+            return convert(prepare(model, config))
+    say(f"{algorithm}: calibrating on {len(samples)} samples")
+    prepared = prepare(model, config, example_inputs=samples[0])
+    if algorithm == "teq":
+        train_teq(prepared, samples, teq)
+    else:
+        with torch.no_grad():
+            for ids in samples:
+                prepared(ids)
+    with torch.no_grad():
+        return convert(prepared)
+
+
+def train_teq(model: Any, samples: list[Any], teq: dict) -> None:
+    """TEQ's equivalent-transformation scales, trained with a bounded, seeded, deterministic loop."""
+    import torch
+
+    torch.manual_seed(teq["seed"])
+    alphas = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(alphas, lr=teq["lr"])
+    say(f"teq: training {len(alphas)} scale vectors for {teq['steps']} steps (lr {teq['lr']}, seed {teq['seed']})")
+    for step in range(teq["steps"]):
+        ids = samples[step % len(samples)]
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if step % 10 == 0 or step == teq["steps"] - 1:
+            say(f"teq: step {step + 1}/{teq['steps']} loss {loss.item():.4f}")
+
+
+def quantized_layers(model: Any) -> list[str]:
+    return [name for name, module in model.named_modules() if hasattr(module, "qweight")]
+
+
+def logits_digest(model: Any, ids: list[int]) -> str:
+    import torch
+
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits.float().contiguous()
+    return hashlib.sha256(logits.numpy().tobytes()).hexdigest()
+
+
+# -- save and load ---------------------------------------------------------------------------------
+def save(model: Any, out: Path, source: Path, source_dtype: Any) -> dict:
+    """INC's save, with unquantized tensors narrowed to the source dtype where that is exact."""
+    import torch
+
+    packed = {name for name, module in model.named_modules() if hasattr(module, "qweight")}
+    narrowed = kept = 0
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        if key.rpartition(".")[0] in packed or not tensor.is_floating_point() or tensor.dtype == source_dtype:
+            continue
+        small = tensor.data.to(source_dtype)
+        if torch.equal(small.to(tensor.dtype), tensor.data):
+            tensor.data = small
+            narrowed += 1
+        else:  # AWQ/TEQ folded their scales into norms: those values need fp32
+            kept += 1
+    out.mkdir(parents=True, exist_ok=True)
+    model.save(str(out))
+    for pattern in _COPY:
+        for path in sorted(source.glob(pattern)):
+            if not _WEIGHT_FILES.search(path.name) and not (out / path.name).exists():
+                shutil.copy2(path, out / path.name)
+    dtype = str(source_dtype).replace("torch.", "")
+    say(f"saved: {narrowed} unquantized tensors stored as {dtype} (exact), {kept} kept in float32")
+    modules = [m for name, m in model.named_modules() if name in packed]
+    return {"scales": sorted({str(m.scales.dtype).replace("torch.", "") for m in modules}),
+            "packed_weight": sorted({str(m.qweight.dtype).replace("torch.", "") for m in modules}),
+            "unquantized": {dtype: narrowed, "float32": kept} if kept else {dtype: narrowed}}
+
+
+def load_quantized(folder: Path) -> Any:
+    """Open an artifact: an fp32 skeleton from config.json, then INC's load, then the other weights."""
+    import torch
+    from neural_compressor.torch.quantization import load
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    from transformers.initialization import no_init_weights
+
+    folder = Path(folder)
+    config = AutoConfig.from_pretrained(folder)
+    with no_init_weights():  # weights come from the artifact; skip the random init
+        skeleton = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = load(str(folder), original_model=skeleton, format="default", device="cpu")
+    for _, module in model.named_modules():  # AWQ/TEQ loads assign source-dtype tensors: compute in fp32
+        if hasattr(module, "qweight"):
+            continue
+        for tensor in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+            if tensor.is_floating_point() and tensor.dtype != torch.float32:
+                tensor.data = tensor.data.float()
+    state = torch.load(folder / "quantized_weight.pt", weights_only=True, mmap=True)
+    model.load_state_dict(state, strict=True)
+    if (folder / "generation_config.json").is_file():  # from_config does not read it (eos ids live there)
+        model.generation_config = GenerationConfig.from_pretrained(folder)
+    model.eval()
+    return model
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)
+
+
+def main(argv: list[str]) -> int:
+    # transformers imports scikit-learn (~2 s) for assisted generation only; a build never generates
+    sys.modules.setdefault("sklearn", None)
+    job_path = Path(argv[0])
+    job = json.loads(job_path.read_text(encoding="utf-8"))
+    result_path = job_path.with_name("result.json")
+    try:
+        result = run(job)
+    except UserError as error:
+        result_path.write_text(json.dumps({"error": str(error), "hint": error.hint}), encoding="utf-8")
+        print(f"[itrex] error: {error}", file=sys.stderr, flush=True)
+        return 3
+    result_path.write_text(json.dumps(result, sort_keys=True), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
