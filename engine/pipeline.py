@@ -192,7 +192,8 @@ def _build(plan: Plan, store: Store, ran: list[StepRecord], progress: Progress):
             meta = plan.runtime.build(source_dir, stage.files_dir, build_step.inputs, stage.logs_dir,
                                       lambda line: progress(line, True))
         except EngineError as error:
-            error.hint = f"full log: {_keep_failed_logs(store, stage.logs_dir, build_step.key)}"
+            logs = f"full log: {_keep_failed_logs(store, stage.logs_dir, build_step.key)}"
+            error.hint = f"{error.hint}; {logs}" if error.hint else logs
             raise
         entry = store.commit(stage, "build", {"runtime": plan.runtime.name, "recipe": recipe.name, **meta})
     ran.append(StepRecord("build", build_step.key, False, time.perf_counter() - t1,

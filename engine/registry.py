@@ -141,8 +141,9 @@ class Registry:
                  rebuilt: bool = True, evaluation: dict | None = None) -> tuple[dict, bool]:
         """Record a variant in one transaction; returns (row, created).
 
-        A new version is added only when the artifact differs from the latest version's; applying
-        the same recipe again (or one that differs only in its description) adds nothing.
+        A new version is added when the artifact or the recipe's behaviour (anything but its
+        description and eval section, e.g. a load-time ov_config) differs from the latest version;
+        applying the same recipe again, or one that differs only in those two, adds nothing.
         `rebuilt=False` says the artifact came from the store unchanged, so its file rows stand.
         `evaluation` = {"key", "scores", "versions"}: recorded once per eval key; a changed eval
         spec re-points the variant at the new scores without adding a version.
@@ -152,7 +153,8 @@ class Registry:
             if evaluation:
                 self._record_scores(evaluation, artifact["key"], engine_version)
             latest = self.latest(recipe.name)
-            if latest and latest["artifact_key"] == artifact["key"]:
+            if latest and latest["artifact_key"] == artifact["key"] and \
+                    _behaviour(json.loads(latest["recipe_json"])) == _behaviour(recipe_json):
                 if rebuilt:
                     self._upsert_artifact(artifact, files)
                 if latest.get("eval_key") != eval_key:  # re-scored: the steps now name the new evaluation
@@ -268,6 +270,15 @@ class _exclusive:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.conn.execute("ROLLBACK" if exc_type else "COMMIT")
+
+
+def _behaviour(recipe_json: dict) -> dict:
+    """What makes two recipes with the same artifact different variants (e.g. a load-time
+    ov_config). Not the description or the eval section, and not where the source or the
+    calibration data lie: their content is already in the artifact key."""
+    doc = {k: v for k, v in recipe_json.items() if k not in ("description", "eval", "source")}
+    doc["quantization"] = {k: v for k, v in doc.get("quantization", {}).items() if k != "calibration"}
+    return doc
 
 
 def _dict_row(cursor: sqlite3.Cursor, row: tuple) -> dict:

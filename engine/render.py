@@ -99,6 +99,22 @@ def ls_table(rows: list[dict], scored: list[dict]):
     return table, notes
 
 
+#: build facts shown by `engine show` (everything is in --json); long or internal ones are left out
+_HIDDEN_META = {"runtime", "recipe", "builder_args", "mapping", "inc_config", "probe", "itrex", "implementation",
+                "api", "implementation_version"}
+
+
+def _build_rows(meta: dict) -> list[tuple[str, str]]:
+    rows = []
+    if "implementation" in meta:
+        rows.append(("implementation", f"{meta['implementation']} {meta.get('implementation_version', '')} "
+                                       f"({meta.get('api', '')})"))
+    for key, value in meta.items():
+        if key not in _HIDDEN_META:
+            rows.append((f"build: {key}", value if isinstance(value, str) else json.dumps(value, sort_keys=True)))
+    return rows
+
+
 def _method_text(method: dict) -> str:
     parts = []
     for key, value in sorted(method.items()):
@@ -127,8 +143,7 @@ def show_text(doc: dict) -> list:
         ("recipe", f"{doc['recipe_path'] or '-'} (sha256 {doc['recipe_sha256'][:16]}…)"),
         ("artifact", f"{doc['artifact_key']}  {human_size(doc['size_bytes'])} in {len(doc['files'])} files"),
         ("engine", doc["engine_version"]),
-        *((f"build: {k}", json.dumps(v, sort_keys=True) if not isinstance(v, str) else v)
-          for k, v in doc.get("build_meta", {}).items() if k not in ("runtime", "recipe", "builder_args")),
+        *_build_rows(doc.get("build_meta", {})),
     ):
         head.add_row(key, str(value))
     steps = Table(title="steps", box=None, header_style="bold", title_justify="left")
@@ -143,6 +158,15 @@ def show_text(doc: dict) -> list:
     for f in doc["files"]:
         files.add_row(f["path"], human_size(f["size"]), f["sha256"])
     parts = [head, steps, files]
+    mapping = doc.get("build_meta", {}).get("mapping")
+    if mapping:  # itrex: the settings as the user wrote them and what Intel Neural Compressor got
+        table = Table(title="ITREX settings -> Intel Neural Compressor", box=None, header_style="bold",
+                      title_justify="left")
+        for col in ("ITREX setting", "as written", "INC setting", "became"):
+            table.add_column(col)
+        for row in mapping:
+            table.add_row(*(json.dumps(c) if not isinstance(c, str) else c for c in row))
+        parts.insert(1, table)
     if doc["scores"]:
         scores = Table(title="scores", box=None, header_style="bold", title_justify="left")
         for col in ("metric", "value", "unit", "method", "measured"):

@@ -21,8 +21,8 @@ FIXTURE = ROOT.parent / "shared" / "data" / "models" / "wt2-phi3-7m"
 #: runtime -> (module that must import, quantization); a runtime whose package is absent is skipped
 RUNTIMES = {
     "onnxruntime-genai": ("onnxruntime_genai", "{weight_dtype: int4, group_size: 32}"),
-    "openvino": ("optimum.intel", "{weight_dtype: int8, scheme: asym}"),
-    "itrex": ("neural_compressor", "{weight_dtype: int8, group_size: 32}"),
+    "openvino": ("optimum.intel", "{weight_dtype: int8, scheme: asym, group_size: -1}"),
+    "itrex": ("neural_compressor", "{weight_dtype: int8, group_size: 32}"),  # scale_dtype: INC native (fp16)
 }
 PROMPTS = ["The history of the", "In 1998 , the band released", "He was born in", "The"]
 

@@ -89,3 +89,25 @@ def test_failed_write_leaves_nothing(tmp_path):
                      artifact={"key": "a" * 64, "kind": "build", "created": "now", "size_bytes": 1},
                      files=[], steps=[], engine_version="t")
     assert reg.variants() == [] and list(reg.db.query("select * from artifacts")) == []
+
+
+def test_same_artifact_new_version_only_when_behaviour_changes(tmp_path):
+    reg = Registry(tmp_path / "registry.db")
+    base = {"name": "m", "description": "", "source": {"path": "a"},
+            "quantization": {"weight_dtype": "int4", "calibration": {"dataset": "a.txt"}},
+            "target": {"runtime": "openvino", "device": "cpu", "options": {}}}
+
+    def register(doc):
+        return reg.register(
+            recipe=FakeRecipe("m"), recipe_json=doc,
+            source={"kind": "path", "key": "s" * 64, "identity": {}, "description": {}},
+            artifact={"key": "a" * 64, "kind": "build", "created": "now", "size_bytes": 1},
+            files=[], steps=[], engine_version="t")
+
+    assert register(base)[0]["version"] == 1
+    moved = {**base, "description": "x", "eval": {"perplexity": {}}, "source": {"path": "b"},
+             "quantization": {**base["quantization"], "calibration": {"dataset": "moved.txt"}}}
+    assert register(moved) == (reg.get("m@1"), False)  # same content, same behaviour
+    load_time = {**base, "target": {**base["target"], "options": {"ov_config": {"KV_CACHE_PRECISION": "u8"}}}}
+    row, created = register(load_time)
+    assert created and row["version"] == 2 and row["artifact_key"] == "a" * 64
