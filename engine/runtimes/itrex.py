@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..calibration import calibration_key, load_texts
-from ..errors import BuildFailed
+from ..errors import EngineError, BuildFailed
 from ..subproc import run_logged
 from .base import Model, Progress, Runtime, Sampling
 
@@ -149,6 +149,18 @@ class ItrexRuntime(Runtime):
         }
 
     def load(self, artifact_dir: Path, info: dict, **options: Any) -> Model:
+        """Options: num_threads (torch intra-op threads)."""
+        unknown = set(options) - {"num_threads"}
+        if unknown:
+            raise EngineError(f"unknown load option(s) for runtime 'itrex': {', '.join(sorted(unknown))}",
+                              hint="runtime 'itrex' takes num_threads=N")
+        if "num_threads" in options:
+            import torch
+
+            threads = options["num_threads"]
+            if not isinstance(threads, int) or threads < 1:
+                raise EngineError(f"num_threads must be a positive integer, got {threads!r}")
+            torch.set_num_threads(threads)
         from transformers import AutoTokenizer
 
         from .itrex_build import load_quantized
