@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..calibration import calibration_key, load_texts
-from ..errors import EngineError, BuildFailed
+from ..errors import BuildFailed, EngineError
 from ..subproc import run_logged
 from .base import Model, Progress, Runtime, Sampling
 
