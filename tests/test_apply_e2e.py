@@ -3,7 +3,6 @@ ONNX Runtime GenAI builder on a tiny synthetic model. Builds are shared where te
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -13,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from clirun import engine
 
 pytest.importorskip("onnxruntime_genai", reason="the onnxruntime-genai runtime is not installed (engine[ortgenai])")
 
@@ -41,13 +41,6 @@ def write_recipe(folder: Path, name="tiny", description="tiny test model", group
     return path
 
 
-def engine(*args: str, cwd: Path, check: int | None = 0, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run the installed CLI as a user would (registry and store in `cwd`)."""
-    proc = subprocess.run([sys.executable, "-m", "engine", *args], cwd=cwd, capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=600)
-    if check is not None:
-        assert proc.returncode == check, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    return proc
 
 
 def python(code: str, cwd: Path) -> subprocess.CompletedProcess:

@@ -8,11 +8,10 @@ import importlib.util
 import json
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from clirun import engine
 
 pytest.importorskip("onnxruntime_genai", reason="the onnxruntime-genai runtime is not installed")
 
@@ -25,12 +24,6 @@ TEXT = ("The river rises in the hills and flows west through the old town , wher
         "the market that was held beside the water every week . ") * 40
 
 
-def engine(*args: str, cwd: Path, check: int | None = 0) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "engine", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=1800)
-    if check is not None:
-        assert proc.returncode == check, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
-    return proc
 
 
 def scores(cwd: Path, name: str) -> dict:

@@ -4,11 +4,9 @@ and the LangChain LLM. Each runtime present is built once on the trained fixture
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest

@@ -7,7 +7,6 @@ only read (each build is a child process that pays ~10 s of imports).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
+from clirun import engine
 
 try:
     metadata.version("neural-compressor-pt")
@@ -66,12 +66,6 @@ target:
     return path
 
 
-def engine(*args: str, cwd: Path, check: int | None = 0) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "engine", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=900)
-    if check is not None:
-        assert proc.returncode == check, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    return proc
 
 
 def python(code: str, cwd: Path) -> dict:

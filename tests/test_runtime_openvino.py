@@ -7,7 +7,6 @@ between tests through module-scoped fixtures and combined where a test only read
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from clirun import engine
 
 from engine.recipe import load_recipe
 
@@ -58,12 +58,6 @@ def write(folder: Path, name: str, quantization: str, options: str = "{}", descr
     return path
 
 
-def engine(*args: str, cwd: Path, check: int | None = 0) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "engine", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=900, env={**os.environ, "ENGINE_DEBUG": ""})
-    if check is not None:
-        assert proc.returncode == check, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    return proc
 
 
 def python(code: str, cwd: Path) -> subprocess.CompletedProcess:

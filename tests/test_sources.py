@@ -1,7 +1,6 @@
 """Sources: a hand-made hub cache (offline), local folders and the synthetic model."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine.errors import RecipeInvalid, RecipeIssue
 
-__all__ = ["Recipe", "RecipeInvalid", "RecipeIssue", "Skipped", "load_recipe", "load_recipes", "parse_recipe",
+if TYPE_CHECKING:
+    from engine.recipe.matrix import Skipped
+
+__all__ = ["Recipe", "RecipeInvalid", "RecipeIssue", "load_recipe", "load_recipes", "parse_recipe",
            "parse_recipes"]
 
 
@@ -39,9 +42,6 @@ class Recipe:
 
 def parse_recipe(text: str, filename: str = "<string>", path: Path | None = None) -> Recipe:
     """Parse and validate recipe text; ``filename`` is how issues name the file. Raises RecipeInvalid."""
-    from engine.recipe.validate import validate
-    from engine.recipe.yamlload import load_yaml
-
     recipes, skipped = parse_recipes(text, filename, path)
     if len(recipes) != 1 or skipped:
         raise RecipeInvalid([RecipeIssue(filename, 0, 0, "matrix", "this recipe is a sweep (it has a matrix)",
