@@ -194,7 +194,8 @@ def test_reapply_rebuilds_nothing_imports_nothing_heavy_and_records_the_mapping(
     build = doc["steps"][-1]
     assert {"neural-compressor-pt", "torch", "transformers", "safetensors"} <= set(build["versions"])
     assert build["params"]["calibration"]["sha256"] and not any(k.startswith("_") for k in build["params"])
-    assert "inc_config" in engine("show", "awq-int4", cwd=built).stdout
+    shown = engine("show", "awq-int4", cwd=built).stdout  # people see the mapping; inc_config is in --json
+    assert "ITREX settings -> Intel Neural Compressor" in shown and "use_sym" in shown and "neural-compressor-pt" in shown
 
 
 def test_teq_is_deterministic_calibration_change_rebuilds_description_does_not(work):
@@ -229,7 +230,7 @@ BAD = {
                      "quantization.compute_dtype", "computes in fp32"),
     "double-quant": ("weight_dtype: nf4\n  use_double_quant: true", "quantization.use_double_quant", "true"),
     "awq-no-calibration": ("weight_dtype: nf4\n  algorithm: awq", "quantization", "calibration is required"),
-    "int4-fp32-scales": ("weight_dtype: int4", "quantization.scale_dtype", "as fp16"),
+    "int4-fp32-scales": ("weight_dtype: int4\n  scale_dtype: fp32", "quantization.scale_dtype", "as fp16"),
     "nf4-asym": ("weight_dtype: nf4\n  scheme: asym", "quantization.scheme", "symmetric"),
     "gptq-fullrange": ("weight_dtype: int4_fullrange\n  scale_dtype: fp16\n  algorithm: gptq\n"
                        "  calibration: {dataset: calib.txt}", "quantization.weight_dtype", "no full-range switch"),

@@ -15,7 +15,9 @@ Mapping (docs/itrex.md has the full table and what is refused):
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import queue
 import sys
 import threading
@@ -165,7 +167,10 @@ class ItrexRuntime(Runtime):
 
         from .itrex_build import load_quantized
 
-        model = load_quantized(artifact_dir)
+        # INC print()s progress to stdout and logs at INFO: stdout is the user's (`engine run`)
+        logging.getLogger("neural_compressor").setLevel(logging.WARNING)
+        with contextlib.redirect_stdout(sys.stderr):
+            model = load_quantized(artifact_dir)
         return ItrexModel(info, model, AutoTokenizer.from_pretrained(artifact_dir))
 
 
