@@ -438,7 +438,17 @@ class OpenVINOModel(Model):
             raise failure[0]
 
     def generate_ids(self, batch: list[list[int]], sampling: Sampling) -> list[list[int]]:
-        """One batched generate call (prompts left-padded)."""
+        """Prompts run one after another, not as one batch.
+
+        With optimum-intel 2.2 + transformers 5, a batched generate on the stateful IR that follows
+        an earlier, longer generate call ends some rows early with an EOS the single run never
+        produces (even for equal-length prompts, with the state reset): wrong answers are worse
+        than slower ones. tests/test_inference.py pins batch == single answers.
+        """
+        return [self._generate_batch([ids], sampling)[0] for ids in batch]
+
+    def _generate_batch(self, batch: list[list[int]], sampling: Sampling) -> list[list[int]]:
+        """One generate call for the prompts (left-padded if their lengths differ)."""
         import torch
 
         width = max(len(ids) for ids in batch)
