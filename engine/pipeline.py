@@ -21,7 +21,7 @@ from .hashing import content_key
 from .paths import Locations, resolve
 from .recipe import Recipe, load_recipe
 from .registry import Registry, StepRecord
-from .runtimes import Runtime, get_runtime, library_versions
+from .runtimes import Runtime, get_runtime, installed_version, library_versions
 from .sources import materialize_source, source_identity
 from .store import Store
 
@@ -132,7 +132,7 @@ def _torch_versions() -> dict:
     out = {}
     for dist in ("torch", "transformers"):
         try:
-            out[dist] = metadata.version(dist)
+            out[dist] = installed_version(dist)
         except metadata.PackageNotFoundError:
             pass
     return out

@@ -124,6 +124,7 @@ def _path_folder(source: dict[str, Any], base_dir: Path) -> Path:
 
 
 def _synthetic_identity(source: dict[str, Any]) -> dict[str, Any]:
+    from engine.runtimes import installed_version
     from engine.synthetic import GENERATOR_VERSION, with_defaults
 
     try:
@@ -133,7 +134,7 @@ def _synthetic_identity(source: dict[str, Any]) -> dict[str, Any]:
     versions: dict[str, str] = {}
     for name in SYNTHETIC_LIBRARIES:
         try:
-            versions[name] = metadata.version(name)
+            versions[name] = installed_version(name)
         except metadata.PackageNotFoundError:
             raise SourceUnavailable(
                 f"a synthetic source needs {name}, which is not installed",
