@@ -83,7 +83,8 @@ class ApplyResult:
 def make_plan(recipe: Recipe, store: Store) -> Plan:
     runtime = get_runtime(recipe.runtime)
     data = recipe.data
-    identity = source_identity(data["source"], recipe.base_dir(), store.stat_cache())
+    stat_cache = store.stat_cache()  # one connection for the source digest and the eval data hash
+    identity = source_identity(data["source"], recipe.base_dir(), stat_cache)
     kind = next(k for k in ("model", "path", "synthetic") if k in data["source"])
     kind = {"model": "hub"}.get(kind, kind)
     source_key = content_key({"step": "source", "v": SOURCE_STEP_VERSION, "identity": identity})
@@ -106,7 +107,7 @@ def make_plan(recipe: Recipe, store: Store) -> Plan:
         StepPlan("build", build_key, key_params, versions, "cached" if store.get(build_key) else "missing",
                  f"{runtime.name} {params.get('precision') or ''}".strip(), inputs=params),
     ]
-    spec = eval_spec(data, recipe.base_dir(), store.stat_cache().hash)
+    spec = eval_spec(data, recipe.base_dir(), stat_cache.hash)
     if spec:
         steps += _eval_steps(spec, source_key, build_key, versions, store)
     return Plan(recipe, runtime, source, steps, spec)
