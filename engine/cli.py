@@ -12,8 +12,14 @@ import sys
 import click
 
 from . import __version__
-from .errors import (EXIT_INTERNAL, EXIT_INVALID_RECIPE, EXIT_VERIFY_FAILED, EngineError, RecipeInvalid,
-                     VariantNotFound)
+from .errors import (
+    EXIT_INTERNAL,
+    EXIT_INVALID_RECIPE,
+    EXIT_VERIFY_FAILED,
+    EngineError,
+    RecipeInvalid,
+    VariantNotFound,
+)
 from .paths import Locations, resolve
 
 
@@ -68,11 +74,10 @@ def _print_skipped(skipped) -> None:
 @click.option("--runtime", help="Print this runtime's schema instead of the common one.")
 def schema(runtime: str | None) -> None:
     """Print the recipe JSON Schema."""
-    from .recipe.schemas import load_schema, runtime_schema
+    from .discovery import get_runtime
+    from .recipe.schemas import recipe_schema
 
-    doc = runtime_schema(runtime) if runtime else load_schema("recipe")
-    if doc is None:
-        raise EngineError(f"no schema for runtime '{runtime}'")
+    doc = get_runtime(runtime).schema() if runtime else recipe_schema()
     click.echo(json.dumps(doc, indent=2))
 
 
@@ -83,33 +88,36 @@ def schema(runtime: str | None) -> None:
 @click.pass_obj
 def apply(loc: Locations, recipes: tuple[str, ...], dry_run: bool, force: bool) -> None:
     """Validate, plan, run the missing steps and register each recipe's variant."""
-    from .pipeline import apply as run_apply
+    from .pipeline import apply_recipes
     from .recipe import load_recipes
 
-    loaded = []
+    loaded, skipped = [], []
     for path in recipes:  # every recipe valid before any work
-        variants, skipped = load_recipes(path)
-        _print_skipped(skipped)
+        variants, skipped_here = load_recipes(path)
         loaded += variants
-    failed: list[EngineError] = []
-    for recipe in loaded:  # one failing variant of a sweep does not stop the others
-        try:
-            with _progress(recipe.name) as progress:
-                result = run_apply(recipe, loc, force=force, dry_run=dry_run, progress=progress)
-        except EngineError as error:
-            if len(loaded) == 1:
-                raise
-            failed.append(error)
-            click.echo(f"{recipe.name}: FAILED: {error.message}" + (f"\n  hint: {error.hint}" if error.hint else ""),
-                       err=True)
-            continue
-        if dry_run:
-            _print_plan(result)
+        skipped += skipped_here
+    _print_skipped(skipped)
+
+    def show(outcome) -> None:
+        if sys.stderr.isatty():  # clear the live progress line
+            click.echo("\r\033[K", nl=False, err=True)
+        if outcome.error is not None:
+            if len(loaded) > 1:
+                error = outcome.error
+                click.echo(f"{outcome.name}: FAILED: {error.message}" + (f"\n  hint: {error.hint}" if error.hint else ""),
+                           err=True)
+        elif dry_run:
+            _print_plan(outcome.result)
         else:
-            _print_applied(result)
+            _print_applied(outcome.result)
+
+    result = apply_recipes(loaded, loc, force=force, dry_run=dry_run, progress=_progress, on_outcome=show)
+    failed = result.failed
+    if len(loaded) == 1 and failed:
+        raise failed[0].error
     if failed:
         click.echo(f"{len(failed)} of {len(loaded)} variant(s) failed", err=True)
-        sys.exit(failed[0].exit_code)
+        sys.exit(failed[0].error.exit_code)
 
 
 def _print_plan(result) -> None:
@@ -121,37 +129,26 @@ def _print_plan(result) -> None:
 
 def _print_applied(result) -> None:
     v = result.variant
-    ref = f"{v['name']}@{v['version']}"
+    ref = v.ref
     if result.rebuilt_nothing:
         state = "registered (artifact was cached)" if result.created else "up to date"
         click.echo(f"{ref}: {state}, nothing rebuilt ({result.seconds:.2f} s)")
         return
     built = ", ".join(f"{s.kind} {s.duration_s:.1f} s" for s in result.ran if not s.cached)
-    click.echo(f"{ref}: built ({built}) and registered, {v['size_bytes']:,} bytes")
+    click.echo(f"{ref}: built ({built}) and registered, {v.size_bytes:,} bytes")
 
 
-class _progress:
-    """A live spinner on a terminal; plain step lines otherwise (CI logs stay short)."""
+def _progress(name: str):
+    """Step lines on stderr (the tools' own output only on a terminal, where it replaces itself)."""
+    live = sys.stderr.isatty()
 
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.status = None
-
-    def __enter__(self):
-        if sys.stderr.isatty():
-            self.status = _console(stderr=True).status(f"{self.name}: planning")
-            self.status.__enter__()
-        return self.update
-
-    def update(self, message: str, detail: bool = False) -> None:
-        if self.status is not None:
-            self.status.update(f"{self.name}: {message}"[:160])
+    def update(message: str, detail: bool = False) -> None:
+        if live:
+            click.echo(f"\r\033[K{name}: {message}"[:160], nl=False, err=True)
         elif not detail:
-            click.echo(f"{self.name}: {message}", err=True)
+            click.echo(f"{name}: {message}", err=True)
 
-    def __exit__(self, *exc) -> None:
-        if self.status is not None:
-            self.status.__exit__(*exc)
+    return update
 
 
 def _generation_options(fn):
@@ -234,19 +231,16 @@ def chat(loc: Locations, ref: str, system: str | None, **options) -> None:
 @click.pass_obj
 def ls_cmd(loc: Locations, as_json: bool, all_versions: bool) -> None:
     """List the registered variants."""
+    from .catalog import list_variants
     from .render import ls_row, ls_table
 
-    def collect(reg):
-        rows = reg.variants(all_versions=all_versions)
-        return rows, [reg.scores(r) for r in rows]
-
-    rows, scored = _with_registry(loc, collect) if loc.registry.exists() else ([], [])
+    listed = list_variants(loc, all_versions=all_versions)
     if as_json:
-        click.echo(json.dumps([ls_row(r, s) for r, s in zip(rows, scored)], indent=2))
-    elif not rows:
+        click.echo(json.dumps([ls_row(v, s) for v, s in listed], indent=2))
+    elif not listed:
         click.echo(f"no variants in {loc.registry}; run `engine apply RECIPE.yaml`", err=True)
     else:
-        table, notes = ls_table(rows, scored)
+        table, notes = ls_table([v for v, _ in listed], [s for _, s in listed])
         console = _console()
         console.print(table)
         for note in notes:
@@ -259,14 +253,10 @@ def ls_cmd(loc: Locations, as_json: bool, all_versions: bool) -> None:
 @click.pass_obj
 def show(loc: Locations, ref: str, as_json: bool) -> None:
     """Everything recorded about one variant (NAME or NAME@VERSION)."""
-    from .render import show_doc, show_text
+    from .catalog import show as describe
+    from .render import show_text
 
-    def collect(reg):
-        row = reg.get(ref)
-        row = {**row, "artifact_meta_json": reg.artifact_meta(row["artifact_key"])}
-        return show_doc(row, reg.files(row["artifact_key"]), reg.steps(row["id"]), reg.scores(row))
-
-    _emit(_with_registry(loc, collect), as_json, show_text, gap=True)
+    _emit(describe(ref, loc), as_json, show_text, gap=True)
 
 
 @cli.command()
@@ -276,14 +266,10 @@ def show(loc: Locations, ref: str, as_json: bool) -> None:
 @click.pass_obj
 def diff(loc: Locations, a: str, b: str, as_json: bool) -> None:
     """Compare two variants: recipe fields, files, scores (only like-for-like scores get a delta)."""
-    from .diff import diff_text, diff_variants
+    from .catalog import diff as compare
+    from .diff import diff_text
 
-    def collect(reg):
-        ra, rb = reg.get(a), reg.get(b)
-        return diff_variants(ra, rb, reg.files(ra["artifact_key"]), reg.files(rb["artifact_key"]),
-                             reg.scores(ra), reg.scores(rb))
-
-    _emit(_with_registry(loc, collect), as_json, diff_text)
+    _emit(compare(a, b, loc), as_json, diff_text)
 
 
 @cli.command()
@@ -301,10 +287,11 @@ def report(loc: Locations, patterns: tuple[str, ...], output: str, png: str | No
     """
     from pathlib import Path
 
+    from .catalog import with_registry
     from .report import write_report
     from .report_rows import report_rows
 
-    rows = _with_registry(loc, lambda reg: report_rows(reg, patterns))
+    rows = with_registry(loc, lambda reg: report_rows(reg, patterns))
     if not rows:
         raise VariantNotFound("no variant matches " + " ".join(patterns) if patterns else "the registry is empty")
     png_path = Path(png) if png else Path(output).with_suffix(".png")
@@ -322,14 +309,9 @@ def report(loc: Locations, patterns: tuple[str, ...], output: str, png: str | No
 @click.pass_obj
 def verify(loc: Locations, ref: str | None) -> None:
     """Re-hash artifact files against the registry; exit 4 naming what is missing or changed."""
-    from .store import Store
-    from .verify import verify_variant
+    from .verify import verify as verify_all
 
-    def run(reg):
-        rows = [reg.get(ref)] if ref else reg.variants(all_versions=True)
-        return [verify_variant(reg, Store(loc.store), row) for row in rows]
-
-    reports = _with_registry(loc, run)
+    reports = verify_all(ref, loc)
     failed = [r for r in reports if not r.ok]
     for report in reports:
         click.echo(f"{report.variant}: {'ok' if report.ok else 'FAILED'} ({report.checked} files)")
@@ -345,9 +327,10 @@ def verify(loc: Locations, ref: str | None) -> None:
 @click.pass_obj
 def rm(loc: Locations, ref: str) -> None:
     """Remove NAME (every version) or NAME@VERSION from the registry; `engine gc` frees the files."""
-    rows = _with_registry(loc, lambda reg: reg.remove(ref))
-    for row in rows:
-        click.echo(f"removed {row['name']}@{row['version']}")
+    from .catalog import with_registry
+
+    for variant in with_registry(loc, lambda reg: reg.remove(ref)):
+        click.echo(f"removed {variant.ref}")
     click.echo("run `engine gc` to delete store entries no variant uses any more", err=True)
 
 
@@ -356,25 +339,13 @@ def rm(loc: Locations, ref: str) -> None:
 @click.pass_obj
 def gc(loc: Locations, dry_run: bool) -> None:
     """Delete store entries that no registered variant references."""
+    from .gc import gc as collect
     from .render import human_size
-    from .store import Store
 
-    store = Store(loc.store)
-    keep = _with_registry(loc, lambda reg: reg.referenced_keys()) if loc.registry.exists() else set()
-    freed = 0
-    for key in store.keys():
-        if key in keep:
-            continue
-        entry = store.get(key)
-        size = entry.size if entry else 0
-        if not dry_run:
-            with store.lock(key):
-                store.remove(key)
-        freed += size
-        click.echo(f"{'would delete' if dry_run else 'deleted'} {key[:16]}… ({human_size(size)})")
-    if not dry_run:
-        store.sweep_staging()
-    click.echo(f"{'would free' if dry_run else 'freed'} {human_size(freed)}")
+    report = collect(loc, dry_run=dry_run)
+    for freed in report.entries:
+        click.echo(f"{'would delete' if dry_run else 'deleted'} {freed.key[:16]}… ({human_size(freed.size)})")
+    click.echo(f"{'would free' if dry_run else 'freed'} {human_size(report.bytes)}")
 
 
 def _emit(doc: dict, as_json: bool, render, gap: bool = False) -> None:
@@ -387,20 +358,6 @@ def _emit(doc: dict, as_json: bool, render, gap: bool = False) -> None:
         console.print(part)
         if gap:
             console.print()
-
-
-def _with_registry(loc: Locations, fn):
-    """Run fn(registry); reading commands never create a registry file as a side effect."""
-    from .registry import Registry
-
-    if not loc.registry.exists():
-        raise VariantNotFound(f"no registry at {loc.registry}",
-                              hint="run `engine apply RECIPE.yaml` first, or pass --registry / set ENGINE_REGISTRY")
-    reg = Registry(loc.registry)
-    try:
-        return fn(reg)
-    finally:
-        reg.close()
 
 
 def main(argv: list[str] | None = None) -> None:

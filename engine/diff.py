@@ -4,6 +4,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from .comparability import comparable, present
+from .records import VariantRecord
+
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(value, dict):
@@ -14,10 +17,10 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: value}
 
 
-def diff_variants(a: dict, b: dict, files_a: list[dict], files_b: list[dict],
+def diff_variants(a: VariantRecord, b: VariantRecord, files_a: list[dict], files_b: list[dict],
                   scores_a: dict, scores_b: dict) -> dict:
-    """A JSON-able comparison; scores measured by different methods are marked not comparable."""
-    ra, rb = _flatten(json.loads(a["recipe_json"])), _flatten(json.loads(b["recipe_json"]))
+    """A JSON-able comparison; a delta only for scores `engine.comparability` calls comparable."""
+    ra, rb = _flatten(a.recipe), _flatten(b.recipe)
     recipe = [{"field": k, "a": ra.get(k), "b": rb.get(k)} for k in sorted(set(ra) | set(rb)) if ra.get(k) != rb.get(k)]
     fa, fb = {f["path"]: f for f in files_a}, {f["path"]: f for f in files_b}
     files = {
@@ -29,11 +32,11 @@ def diff_variants(a: dict, b: dict, files_a: list[dict], files_b: list[dict],
     scores = []
     for metric in [m for m in scores_a] + [m for m in scores_b if m not in scores_a]:
         sa, sb = scores_a.get(metric), scores_b.get(metric)
-        comparable = bool(sa and sb and sa["method_id"] == sb["method_id"])
+        same = comparable(sa, sb)
         scores.append({"metric": metric, "unit": (sa or sb)["unit"], "a": sa and sa["value"], "b": sb and sb["value"],
-                       "delta": (sb["value"] - sa["value"]) if comparable else None, "comparable": comparable})
-    return {"a": f"{a['name']}@{a['version']}", "b": f"{b['name']}@{b['version']}",
-            "same_artifact": a["artifact_key"] == b["artifact_key"], "recipe": recipe, "files": files,
+                       "delta": (sb["value"] - sa["value"]) if same else None, "comparable": same})
+    return {"a": a.ref, "b": b.ref,
+            "same_artifact": a.artifact_key == b.artifact_key, "recipe": recipe, "files": files,
             "scores": scores}
 
 
@@ -58,8 +61,9 @@ def diff_text(doc: dict) -> list:
             scores.add_column(col, justify="left" if col == "metric" else "right")
         for s in doc["scores"]:
             fmt = lambda v: "-" if v is None else f"{v:.6g}"  # noqa: E731
-            delta = (fmt(s["delta"]) if s["comparable"] else "-" if s["a"] is None or s["b"] is None
-                     else "not comparable (different method)")
+            measured = present({"value": s["a"]}) and present({"value": s["b"]})  # else a gap, not a mismatch
+            delta = (fmt(s["delta"]) if s["comparable"] else "not comparable (different method)" if measured
+                     else "-")
             scores.add_row(f"{s['metric']} ({s['unit']})", fmt(s["a"]), fmt(s["b"]), delta)
         parts.append(scores)
     return parts

@@ -196,7 +196,7 @@ def _quality(model: Any, ppl: dict, ref: dict, reference_dir: Path, progress: Pr
 
 
 def _speed(model: Any, speed: dict, ref: dict | None, load_seconds: float, progress: Progress) -> list[dict]:
-    from .runtimes.base import Sampling
+    from .runtime import Sampling
 
     progress("measuring speed")
     ids = [t for w in (ref or {}).get("windows", []) for t in w["input_ids"]][: speed["prompt_tokens"]]

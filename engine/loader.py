@@ -1,13 +1,15 @@
 """engine.load(): a registry name -> a ready model of the right runtime."""
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from .discovery import get_runtime
 from .errors import VerificationFailed
 from .paths import resolve
 from .registry import Registry
-from .runtimes import Model, get_runtime
+from .runtime import Model
 from .store import Store
 from .verify import verify_variant
 
@@ -17,15 +19,15 @@ def load(ref: str, *, verify: bool = False, registry: str | Path | None = None,
     """Load variant NAME (latest version) or NAME@VERSION.
 
     verify=True re-hashes every file against the registry first and refuses on any difference.
-    Extra keyword options go to the runtime's loader.
+    Extra keyword options go to the runtime's loader (each runtime lists its load_options).
     """
     locations = resolve(registry, store)
     reg = Registry(locations.registry)
     try:
-        row = reg.get(ref)
+        record = reg.get(ref)
         st = Store(locations.store)
         if verify:
-            report = verify_variant(reg, st, row)
+            report = verify_variant(reg, st, record)
             if not report.ok:
                 raise VerificationFailed(
                     f"{report.variant} does not match the registry; refusing to load",
@@ -33,9 +35,9 @@ def load(ref: str, *, verify: bool = False, registry: str | Path | None = None,
                 )
     finally:
         reg.close()
-    artifact_dir = st.entry_path(row["artifact_key"]) / "files"
+    artifact_dir = st.entry_path(record.artifact_key) / "files"
     if not artifact_dir.is_dir():
-        raise VerificationFailed(f"{row['name']}@{row['version']}: artifact folder is missing: {artifact_dir}",
+        raise VerificationFailed(f"{record.ref}: artifact folder is missing: {artifact_dir}",
                                  [str(artifact_dir)], hint="re-apply its recipe to rebuild it")
-    info = {**row, "artifact_dir": str(artifact_dir)}
-    return get_runtime(row["runtime"]).load(artifact_dir, info, **options)
+    record = replace(record, artifact_dir=str(artifact_dir))
+    return get_runtime(record.runtime).load(artifact_dir, record, **options)

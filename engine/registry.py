@@ -3,7 +3,8 @@
 A variant row is written last, in the same transaction as its artifact and step rows: the row is
 the commit marker, so a crash before it leaves nothing registered. Schema changes go through
 `sqlite_utils.Migrations` (engine/registry_schema.py), so an old registry.db upgrades in place.
-Reads use the stdlib sqlite3 module; sqlite-utils is imported only to write.
+Reads use the stdlib sqlite3 module; sqlite-utils is imported only to write. Reads return typed
+records (engine/records.py) whose JSON columns are decoded once, here.
 """
 from __future__ import annotations
 
@@ -11,29 +12,15 @@ import json
 import re
 import sqlite3
 import time
-from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from .errors import EngineError, VariantNotFound
-
-#: names of the migrations in engine/registry_schema.py, in order (a test keeps the two in step);
-#: checking them with plain SQL keeps sqlite-utils (and the numpy it imports) off read-only paths
-MIGRATIONS = ("m001_initial", "m002_scores")
-MIGRATION_SET = "engine.registry"
+from .records import ScoreRecord, StepRecord, VariantRecord
+from .registry_schema import MIGRATION_NAMES, MIGRATION_SET
 
 _REF = re.compile(r"^(?P<name>[a-z0-9][a-z0-9._-]*)(?:@(?P<version>[0-9]+))?$")
-
-
-@dataclass(frozen=True)
-class StepRecord:
-    kind: str
-    key: str
-    cached: bool
-    duration_s: float
-    params: dict
-    versions: dict
 
 
 def parse_ref(ref: str) -> tuple[str, int | None]:
@@ -64,7 +51,7 @@ class Registry:
             from .registry_schema import migrations
 
             with _exclusive(self.conn):
-                migrations.apply(self.db)
+                migrations().apply(self.db)
 
     @cached_property
     def db(self):
@@ -78,7 +65,7 @@ class Registry:
             rows = self.query("select name from _sqlite_migrations where migration_set = ?", [MIGRATION_SET])
         except sqlite3.OperationalError:  # no migrations table: a new file
             return True
-        return not set(MIGRATIONS) <= {r["name"] for r in rows}
+        return not set(MIGRATION_NAMES) <= {r["name"] for r in rows}
 
     def query(self, sql: str, params: list | tuple = ()) -> list[dict]:
         cursor = self.conn.cursor()
@@ -89,8 +76,8 @@ class Registry:
         self.conn.close()
 
     # -- reading -------------------------------------------------------------------------------
-    def get(self, ref: str) -> dict:
-        """The variant row for NAME (latest version) or NAME@V; VariantNotFound otherwise."""
+    def get(self, ref: str) -> VariantRecord:
+        """The variant NAME (latest version) or NAME@V; VariantNotFound otherwise."""
         name, version = parse_ref(ref)
         if version is None:
             rows = (self.query(
@@ -99,36 +86,37 @@ class Registry:
             rows = (self.query(
                 "select * from variants where name = ? and version = ?", [name, version]))
         if rows:
-            return rows[0]
+            return VariantRecord.from_row(rows[0])
         known = [r["name"] for r in self.query("select distinct name from variants order by name")]
         raise VariantNotFound(f"no variant '{ref}' in {self.path}", hint=_suggest(name, known))
 
-    def latest(self, name: str) -> dict | None:
+    def latest(self, name: str) -> VariantRecord | None:
         rows = (self.query(
             "select * from variants where name = ? order by version desc limit 1", [name]))
-        return rows[0] if rows else None
+        return VariantRecord.from_row(rows[0]) if rows else None
 
-    def variants(self, name: str | None = None, all_versions: bool = False) -> list[dict]:
+    def variants(self, name: str | None = None, all_versions: bool = False) -> list[VariantRecord]:
         where, params = ("where name = ?", [name]) if name else ("", [])
         rows = (self.query(f"select * from variants {where} order by name, version", params))
-        if all_versions:
-            return rows
-        latest: dict[str, dict] = {}
-        for row in rows:
-            latest[row["name"]] = row
-        return list(latest.values())
+        if not all_versions:
+            latest: dict[str, dict] = {}
+            for row in rows:
+                latest[row["name"]] = row
+            rows = list(latest.values())
+        return [VariantRecord.from_row(row) for row in rows]
 
     def files(self, artifact_key: str) -> list[dict]:
         return (self.query(
             "select path, size, sha256 from files where artifact_key = ? order by path", [artifact_key]))
 
-    def artifact_meta(self, artifact_key: str) -> str | None:
+    def artifact_meta(self, artifact_key: str) -> dict:
+        """The build facts recorded for an artifact (empty when there are none)."""
         rows = self.query("select meta_json from artifacts where key = ?", [artifact_key])
-        return rows[0]["meta_json"] if rows else None
+        return json.loads(rows[0]["meta_json"]) if rows and rows[0]["meta_json"] else {}
 
-    def steps(self, variant_id: int) -> list[dict]:
-        return (self.query(
-            "select * from steps where variant_id = ? order by position", [variant_id]))
+    def steps(self, variant_id: int) -> list[StepRecord]:
+        rows = self.query("select * from steps where variant_id = ? order by position", [variant_id])
+        return [StepRecord.from_row(row) for row in rows]
 
     def referenced_keys(self) -> set[str]:
         rows = self.query("select key from steps union select artifact_key from variants"
@@ -138,7 +126,7 @@ class Registry:
     # -- writing -------------------------------------------------------------------------------
     def register(self, *, recipe: Any, recipe_json: dict, source: dict, artifact: dict,
                  files: list[dict], steps: list[StepRecord], engine_version: str,
-                 rebuilt: bool = True, evaluation: dict | None = None) -> tuple[dict, bool]:
+                 rebuilt: bool = True, evaluation: dict | None = None) -> tuple[VariantRecord, bool]:
         """Record a variant in one transaction; returns (row, created).
 
         A new version is added when the artifact or the recipe's behaviour (anything but its
@@ -153,23 +141,23 @@ class Registry:
             if evaluation:
                 self._record_scores(evaluation, artifact["key"], engine_version)
             latest = self.latest(recipe.name)
-            if latest and latest["artifact_key"] == artifact["key"] and \
-                    _behaviour(json.loads(latest["recipe_json"])) == _behaviour(recipe_json):
+            if latest and latest.artifact_key == artifact["key"] and \
+                    _behaviour(latest.recipe) == _behaviour(recipe_json):
                 if rebuilt:
                     self._upsert_artifact(artifact, files)
-                if latest.get("eval_key") != eval_key:  # re-scored: the steps now name the new evaluation
-                    self.conn.execute("update variants set eval_key = ? where id = ?", [eval_key, latest["id"]])
-                    self.conn.execute("delete from steps where variant_id = ?", [latest["id"]])
-                    self._insert_steps(latest["id"], steps)
-                if latest["description"] != recipe_json.get("description", ""):
+                if latest.eval_key != eval_key:  # re-scored: the steps now name the new evaluation
+                    self.conn.execute("update variants set eval_key = ? where id = ?", [eval_key, latest.id])
+                    self.conn.execute("delete from steps where variant_id = ?", [latest.id])
+                    self._insert_steps(latest.id, steps)
+                if latest.description != recipe_json.get("description", ""):
                     self.conn.execute("update variants set description = ? where id = ?",
-                                      [recipe_json.get("description", ""), latest["id"]])
-                return self.get(f"{latest['name']}@{latest['version']}"), False
+                                      [recipe_json.get("description", ""), latest.id])
+                return self.get(latest.ref), False
             self._upsert_artifact(artifact, files)
             quant, target = recipe_json.get("quantization", {}), recipe_json["target"]
             row = {
                 "name": recipe.name,
-                "version": (latest["version"] + 1) if latest else 1,
+                "version": (latest.version + 1) if latest else 1,
                 "created": _now(),
                 "description": recipe_json.get("description", ""),
                 "runtime": target["runtime"],
@@ -192,7 +180,7 @@ class Registry:
             }
             variant_id = self.db["variants"].insert(row).last_pk
             self._insert_steps(variant_id, steps)
-            return self.query("select * from variants where id = ?", [variant_id])[0], True
+            return VariantRecord.from_row(self.query("select * from variants where id = ?", [variant_id])[0]), True
 
     def _insert_steps(self, variant_id: int, steps: list[StepRecord]) -> None:
         self.db["steps"].insert_all(
@@ -203,15 +191,15 @@ class Registry:
             for i, s in enumerate(steps)
         )
 
-    def scores(self, row: dict) -> dict[str, dict]:
+    def scores(self, variant: VariantRecord) -> dict[str, ScoreRecord]:
         """The variant's latest scores by metric (empty when it was never evaluated)."""
-        if not row.get("eval_key"):
+        if not variant.eval_key:
             return {}
         out = {}
-        for s in self.query("select * from scores where eval_key = ? order by id", [row["eval_key"]]):
-            out[s["metric"]] = {"value": s["value"], "unit": s["unit"], "method": json.loads(s["method_json"]),
-                                "method_id": s["method_id"], "versions": json.loads(s["versions_json"]),
-                                "engine_version": s["engine_version"], "created": s["created"]}
+        for s in self.query("select * from scores where eval_key = ? order by id", [variant.eval_key]):
+            out[s["metric"]] = ScoreRecord(value=s["value"], unit=s["unit"], method=json.loads(s["method_json"]),
+                                           method_id=s["method_id"], versions=json.loads(s["versions_json"]),
+                                           engine_version=s["engine_version"], created=s["created"])
         return out
 
     def _record_scores(self, evaluation: dict, artifact_key: str, engine_version: str) -> None:
@@ -237,18 +225,18 @@ class Registry:
             for f in files
         )
 
-    def remove(self, ref: str) -> list[dict]:
+    def remove(self, ref: str) -> list[VariantRecord]:
         """Delete NAME (every version) or NAME@V; returns the removed rows."""
         name, version = parse_ref(ref)
         rows = self.variants(name, all_versions=True)
         if version is not None:
-            rows = [r for r in rows if r["version"] == version]
+            rows = [r for r in rows if r.version == version]
         if not rows:
             self.get(ref)  # raises VariantNotFound with a suggestion
         with _exclusive(self.conn):
             for row in rows:
-                self.conn.execute("delete from steps where variant_id = ?", [row["id"]])
-                self.conn.execute("delete from variants where id = ?", [row["id"]])
+                self.conn.execute("delete from steps where variant_id = ?", [row.id])
+                self.conn.execute("delete from variants where id = ?", [row.id])
             self._drop_orphan_artifacts()
         return rows
 
@@ -302,4 +290,4 @@ def _suggest(name: str, known: list[str]) -> str:
     return "the registry is empty: run `engine apply RECIPE.yaml` first"
 
 
-__all__ = ["Registry", "StepRecord", "parse_ref", "EngineError"]
+__all__ = ["Registry", "ScoreRecord", "StepRecord", "VariantRecord", "parse_ref", "EngineError"]

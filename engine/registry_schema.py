@@ -1,18 +1,21 @@
-"""The registry's tables, as sqlite-utils migrations: append new ones, never edit old ones.
+"""The registry's tables, as sqlite-utils migrations: append new ones to MIGRATIONS, never edit old ones.
 
-Add each new migration's name to engine.registry.MIGRATIONS as well.
+This module is the one place that names the migrations. It imports sqlite-utils only when the
+migrations are applied, so engine.registry can check what is pending with plain SQL (sqlite-utils
+imports numpy) and nothing here imports the registry.
 """
 from __future__ import annotations
 
-import sqlite_utils
-from sqlite_utils.migrations import Migrations
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from .registry import MIGRATION_SET
+if TYPE_CHECKING:
+    import sqlite_utils
+    from sqlite_utils.migrations import Migrations
 
-migrations = Migrations(MIGRATION_SET)
+MIGRATION_SET = "engine.registry"
 
 
-@migrations()
 def m001_initial(db: sqlite_utils.Database) -> None:
     db["variants"].create(
         {
@@ -46,7 +49,6 @@ def m001_initial(db: sqlite_utils.Database) -> None:
     )
 
 
-@migrations()
 def m002_scores(db: sqlite_utils.Database) -> None:
     """Evaluation scores, kept per eval step key; a variant points at its latest evaluation."""
     db["variants"].add_column("eval_key", str)
@@ -56,3 +58,18 @@ def m002_scores(db: sqlite_utils.Database) -> None:
         pk="id",
     )
     db["scores"].create_index(["eval_key", "metric"], unique=True)
+
+
+#: every migration, in the order they apply
+MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (m001_initial, m002_scores)
+MIGRATION_NAMES: tuple[str, ...] = tuple(m.__name__ for m in MIGRATIONS)
+
+
+def migrations() -> Migrations:
+    """MIGRATIONS as a sqlite-utils Migrations set (apply / pending)."""
+    from sqlite_utils.migrations import Migrations
+
+    found = Migrations(MIGRATION_SET)
+    for migration in MIGRATIONS:
+        found()(migration)
+    return found

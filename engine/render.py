@@ -4,6 +4,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from .comparability import method_letters
+from .records import StepRecord, VariantRecord
+from .runtime import Section
+
 #: keys of `engine ls --json` rows, in order; adding keys is fine, renaming is a breaking change
 LS_KEYS = ("name", "version", "runtime", "device", "weight_dtype", "group_size", "scheme",
            "algorithm", "size_bytes", "created", "description", "source_kind", "artifact_key")
@@ -26,54 +30,47 @@ HEADLINE = (("perplexity", "ppl", "{:.2f}"), ("kl_divergence", "KL", "{:.2e}"),
             ("decode_tokens_per_s", "tok/s", "{:.0f}"))
 
 
-def ls_row(row: dict, scores: dict | None = None) -> dict:
-    out = {key: row.get(key) for key in LS_KEYS}
-    out["source"] = json.loads(row["source_json"])["identity"] if row.get("source_json") else None
+def ls_row(row: VariantRecord, scores: dict | None = None) -> dict:
+    out = {key: getattr(row, key) for key in LS_KEYS}
+    out["source"] = row.source.get("identity") if row.source else None
     out["scores"] = {m: {"value": s["value"], "unit": s["unit"], "method_id": s["method_id"]}
                      for m, s in (scores or {}).items()}
     return out
 
 
-def comparability(scored: list[dict]) -> dict[str, dict[str, str]]:
-    """metric -> {method_id: letter} for metrics measured by more than one method among the rows.
+def show_doc(row: VariantRecord, files: list[dict], steps: list[StepRecord], scores: dict | None = None,
+             build_meta: dict | None = None, sections: list[Section] = (),
+             hidden_meta: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Everything recorded about one variant, as one JSON document.
 
-    Values whose methods differ must not be read side by side: `engine ls` tags them a, b, ...
+    `sections` are the runtime's own tables, `hidden_meta` the build facts it keeps out of the summary.
     """
-    out: dict[str, dict[str, str]] = {}
-    for metric, _, _ in HEADLINE:
-        ids = sorted({s[metric]["method_id"] for s in scored if metric in s})
-        if len(ids) > 1:
-            out[metric] = {mid: chr(ord("a") + i) for i, mid in enumerate(ids)}
-    return out
-
-
-def show_doc(row: dict, files: list[dict], steps: list[dict], scores: dict | None = None) -> dict[str, Any]:
-    """Everything recorded about one variant, as one JSON document."""
-    doc = {key: row.get(key) for key in LS_KEYS}
+    doc = {key: getattr(row, key) for key in LS_KEYS}
     doc.update(
-        engine_version=row.get("engine_version"),
-        recipe_path=row.get("recipe_path"),
-        recipe_sha256=row.get("recipe_sha256"),
-        recipe=json.loads(row["recipe_json"]),
-        recipe_text=row.get("recipe_text"),
-        source=json.loads(row["source_json"]),
+        engine_version=row.engine_version,
+        recipe_path=row.recipe_path,
+        recipe_sha256=row.recipe_sha256,
+        recipe=row.recipe,
+        recipe_text=row.recipe_text,
+        source=row.source,
         steps=[{
-            "kind": s["kind"], "key": s["key"], "cached": bool(s["cached"]),
-            "duration_s": s["duration_s"], "params": json.loads(s["params_json"]),
-            "versions": json.loads(s["versions_json"]), "finished": s["finished"],
+            "kind": s.kind, "key": s.key, "cached": s.cached, "duration_s": s.duration_s,
+            "params": s.params, "versions": s.versions, "finished": s.finished,
         } for s in steps],
         files=files,
         scores=scores or {},
-        build_meta=next((json.loads(a) for a in [row.get("artifact_meta_json")] if a), {}),
+        build_meta=build_meta or {},
+        sections=[{"title": x.title, "columns": list(x.columns), "rows": x.rows} for x in sections],
+        hidden_meta=list(hidden_meta),
     )
     return doc
 
 
-def ls_table(rows: list[dict], scored: list[dict]):
+def ls_table(rows: list[VariantRecord], scored: list[dict]):
     """The variants with their headline scores; returns (table, footnotes)."""
     from rich.table import Table
 
-    tags = comparability(scored)
+    tags = method_letters(scored, [m for m, _, _ in HEADLINE])  # values of different methods: (a), (b)
     shown = [(m, title, fmt) for m, title, fmt in HEADLINE if any(m in s for s in scored)]
     table = Table(box=None, header_style="bold")
     for col in ("name", "ver", "runtime", "device", "dtype", "group", "scheme", "algo", "size"):
@@ -82,15 +79,15 @@ def ls_table(rows: list[dict], scored: list[dict]):
         table.add_column(title, justify="right")
     table.add_column("created")
     for r, scores in zip(rows, scored):
-        group = "-" if r["weight_dtype"] in ("fp16", "bf16", "fp32") else str(r["group_size"])
+        group = "-" if r.weight_dtype in ("fp16", "bf16", "fp32") else str(r.group_size)
         cells = []
         for metric, _, fmt in shown:
             score = scores.get(metric)
             tag = tags.get(metric, {}).get(score["method_id"], "") if score else ""
             cells.append(fmt.format(score["value"]) + (f" ({tag})" if tag else "") if score else "-")
-        table.add_row(r["name"], str(r["version"]), r["runtime"], r["device"], r["weight_dtype"] or "-",
-                      group, r["scheme"] or "-", r["algorithm"] or "-", human_size(r["size_bytes"]), *cells,
-                      (r["created"] or "").replace("T", " ").rstrip("Z")[:16])
+        table.add_row(r.name, str(r.version), r.runtime, r.device, r.weight_dtype or "-",
+                      group, r.scheme or "-", r.algorithm or "-", human_size(r.size_bytes), *cells,
+                      (r.created or "").replace("T", " ").rstrip("Z")[:16])
     notes = []
     for metric, letters in tags.items():
         methods = {s[metric]["method_id"]: s[metric]["method"] for s in scored if metric in s}
@@ -99,18 +96,18 @@ def ls_table(rows: list[dict], scored: list[dict]):
     return table, notes
 
 
-#: build facts shown by `engine show` (everything is in --json); long or internal ones are left out
-_HIDDEN_META = {"runtime", "recipe", "builder_args", "mapping", "inc_config", "probe", "itrex", "implementation",
-                "api", "implementation_version"}
+#: build facts `engine show` leaves out of its summary (everything is in --json); a runtime hides more
+#: through Runtime.hidden_meta
+_HIDDEN_META = {"runtime", "recipe", "builder_args", "implementation", "api", "implementation_version"}
 
 
-def _build_rows(meta: dict) -> list[tuple[str, str]]:
+def _build_rows(meta: dict, hidden: set[str]) -> list[tuple[str, str]]:
     rows = []
     if "implementation" in meta:
         rows.append(("implementation", f"{meta['implementation']} {meta.get('implementation_version', '')} "
                                        f"({meta.get('api', '')})"))
     for key, value in meta.items():
-        if key not in _HIDDEN_META:
+        if key not in _HIDDEN_META | hidden:
             rows.append((f"build: {key}", value if isinstance(value, str) else json.dumps(value, sort_keys=True)))
     return rows
 
@@ -143,7 +140,7 @@ def show_text(doc: dict) -> list:
         ("recipe", f"{doc['recipe_path'] or '-'} (sha256 {doc['recipe_sha256'][:16]}…)"),
         ("artifact", f"{doc['artifact_key']}  {human_size(doc['size_bytes'])} in {len(doc['files'])} files"),
         ("engine", doc["engine_version"]),
-        *_build_rows(doc.get("build_meta", {})),
+        *_build_rows(doc.get("build_meta", {}), set(doc.get("hidden_meta", ()))),
     ):
         head.add_row(key, str(value))
     steps = Table(title="steps", box=None, header_style="bold", title_justify="left")
@@ -158,13 +155,11 @@ def show_text(doc: dict) -> list:
     for f in doc["files"]:
         files.add_row(f["path"], human_size(f["size"]), f["sha256"])
     parts = [head, steps, files]
-    mapping = doc.get("build_meta", {}).get("mapping")
-    if mapping:  # itrex: the settings as the user wrote them and what Intel Neural Compressor got
-        table = Table(title="ITREX settings -> Intel Neural Compressor", box=None, header_style="bold",
-                      title_justify="left")
-        for col in ("ITREX setting", "as written", "INC setting", "became"):
+    for section in reversed(doc.get("sections", [])):  # the runtime's own tables, after the summary
+        table = Table(title=section["title"], box=None, header_style="bold", title_justify="left")
+        for col in section["columns"]:
             table.add_column(col)
-        for row in mapping:
+        for row in section["rows"]:
             table.add_row(*(json.dumps(c) if not isinstance(c, str) else c for c in row))
         parts.insert(1, table)
     if doc["scores"]:

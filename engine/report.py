@@ -1,21 +1,22 @@
 """The variant report: a self-contained HTML page and a PNG Pareto plot of size vs quality.
 
 A pure library (no registry access): the CLI gathers one row per variant and calls `write_report`.
-Only scores with the same `method_id` are compared, because a perplexity measured with another
-window or dataset is a different number. matplotlib is imported inside `write_report` so that
-`import engine.report` stays cheap for the CLI.
+Which scores are compared is decided by `engine.comparability` (the rule `engine ls` and `engine
+diff` use too). The page is the Jinja template templates/report.html.j2; jinja2 and matplotlib are
+imported only when a report is written, so `import engine.report` stays cheap for the CLI.
 """
 from __future__ import annotations
 
 import base64
-import html
+import functools
 import io
 import math
 import os
 import tempfile
-from collections import Counter
 from pathlib import Path
 from typing import Any
+
+from .comparability import majority_method, measured_by, present
 
 __all__ = ["Y_METRICS", "pareto_front", "write_report"]
 
@@ -34,17 +35,7 @@ _COLUMNS = (
 _MISSING = "\u2013"  # en dash
 _MB = 1e6
 
-_CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2em;color:#222}
-h1{font-size:1.4em}h2{font-size:1.1em;margin-top:1.5em}
-img{max-width:100%;border:1px solid #ddd}
-table{border-collapse:collapse;font-size:.9em}
-th,td{padding:.3em .7em;border-bottom:1px solid #e3e3e3;text-align:right}
-th{background:#f4f4f4}td.l,th.l{text-align:left}
-tr.front td{font-weight:bold;background:#fff8dc}
-tr.source td{font-style:italic;color:#555}
-.nc{color:#b00}.muted{color:#777;font-size:.85em}code{font-size:.85em}
-"""
+_TEMPLATES = Path(__file__).parent / "templates"
 
 
 def _num(v: Any) -> float | None:
@@ -80,20 +71,9 @@ def _ref(row: dict) -> str:
 
 
 def _score(row: dict, metric: str) -> dict | None:
+    """The row's score for `metric` when it is a measurement (see comparability.present)."""
     s = (row.get("scores") or {}).get(metric)
-    return s if isinstance(s, dict) and _num(s.get("value")) is not None else None
-
-
-def _majority_method(rows: list[dict], metric: str) -> str | None:
-    """The method_id shared by most rows for `metric` (ties: first seen), which defines 'comparable'.
-
-    Variants outvote the source row, so one odd source score cannot hide every variant.
-    """
-    counts: Counter[str | None] = Counter()
-    for r in rows:
-        if (s := _score(r, metric)) is not None:
-            counts[s.get("method_id")] += 0 if r.get("is_source") else 1
-    return max(counts, key=lambda k: counts[k]) if counts else None  # max keeps the first on ties
+    return s if present(s) else None
 
 
 def _source_size(rows: list[dict]) -> int | None:
@@ -191,22 +171,74 @@ def _plot(points: list[dict], front: list[int], source_size: int | None, y_metri
     return buf.getvalue()
 
 
-def _cell(row: dict, metric: str, fmt: str, majority: str | None) -> str:
-    """One score cell; a score measured by a minority method is flagged rather than compared."""
+def _cell(row: dict, metric: str, fmt: str, majority: str | None) -> dict:
+    """One score cell; a score measured by a minority method is flagged (†) rather than compared."""
     s = _score(row, metric)
     if s is None:
-        return f"<td>{_MISSING}</td>"
-    text = html.escape(fmt.format(float(s["value"])))
-    if s.get("method_id") != majority:
-        tip = html.escape(f"different evaluation method (method_id {s.get('method_id')})", quote=True)
-        return f'<td class="nc" title="{tip}">{text} \u2020</td>'
-    return f"<td>{text}</td>"
+        return {"text": _MISSING, "nc": False}
+    return {"text": fmt.format(float(s["value"])), "nc": not measured_by(s, majority),
+            "method_id": str(s.get("method_id"))}
 
 
 def _fmt_method(method: Any) -> str:
     if isinstance(method, dict):
         return ", ".join(f"{k}={v}" for k, v in sorted(method.items(), key=lambda kv: str(kv[0])))
     return str(method)
+
+
+def _split(rows: list[dict], y_metric: str, majority: str | None) -> tuple[list[dict], list[str], list[dict]]:
+    """(points to plot, skipped refs, not comparable): only the majority method's scores share a plot."""
+    points: list[dict] = []
+    skipped: list[str] = []
+    not_comparable: list[dict] = []
+    for r in rows:
+        s, size = _score(r, y_metric), _num(r.get("size_bytes"))
+        if s is None or size is None:
+            skipped.append(_ref(r))
+        elif not measured_by(s, majority):
+            not_comparable.append({"name": _ref(r), "method_id": s.get("method_id"), "method": s.get("method")})
+        else:
+            points.append({"label": _ref(r), "x": size / _MB, "y": float(s["value"]), "runtime": r.get("runtime"),
+                           "source": bool(r.get("is_source")), "unit": s.get("unit"), "method": s.get("method")})
+    return points, skipped, not_comparable
+
+
+def _front(points: list[dict]) -> list[int]:
+    """Indices into `points` of the Pareto front; the source star is a reference, never on it."""
+    candidates = [i for i, p in enumerate(points) if not p["source"]]
+    return [candidates[j] for j in pareto_front([(points[i]["x"], points[i]["y"]) for i in candidates])]
+
+
+def _table_rows(rows: list[dict], on_front: set[str], source_size: int | None) -> list[dict]:
+    """The table, smallest first, as display strings: the template only lays them out."""
+    majorities = {m: majority_method(rows, m) for m, _, _ in _COLUMNS}
+
+    def order(r: dict) -> tuple:
+        size = _num(r.get("size_bytes"))
+        return (size is None, size or 0.0, str(r.get("name")), str(r.get("version")))
+
+    out = []
+    for r in sorted(rows, key=order):
+        ref, size, src = _ref(r), _num(r.get("size_bytes")), bool(r.get("is_source"))
+        front = ref in on_front and not src
+        out.append({"cls": "front" if front else "source" if src else "", "front": front, "source": src,
+                    "ref": ref, "runtime": str(r.get("runtime") or _MISSING),
+                    "dtype": str(r.get("weight_dtype") or _MISSING),
+                    "group": _MISSING if r.get("group_size") is None else str(r["group_size"]),
+                    "size": _MISSING if size is None else f"{size / _MB:.2f}",
+                    "ratio": f"{size / source_size:.3f}" if size is not None and source_size else _MISSING,
+                    "scores": [_cell(r, m, fmt, majorities[m]) for m, _, fmt in _COLUMNS]})
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def _template() -> Any:
+    """The page template, read from the package folder (so it works from an installed wheel too)."""
+    import jinja2
+
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(_TEMPLATES), autoescape=True, trim_blocks=True,
+                             lstrip_blocks=True, keep_trailing_newline=True, undefined=jinja2.StrictUndefined)
+    return env.get_template("report.html.j2")
 
 
 def write_report(rows: list[dict], html_path: Path, png_path: Path | None = None, *,
@@ -221,86 +253,26 @@ def write_report(rows: list[dict], html_path: Path, png_path: Path | None = None
     """
     if y_metric not in Y_METRICS:
         raise ValueError(f"y_metric must be one of {Y_METRICS}, not {y_metric!r}")
-    html_path = Path(html_path)
     source_size = _source_size(rows)
-    majority = _majority_method(rows, y_metric)
-
-    points: list[dict] = []
-    skipped: list[str] = []
-    not_comparable: list[dict] = []
-    y_unit = ""
-    y_method: Any = None
-    for r in rows:
-        s, size = _score(r, y_metric), _num(r.get("size_bytes"))
-        if s is None or size is None:
-            skipped.append(_ref(r))
-        elif s.get("method_id") != majority:
-            not_comparable.append({"name": _ref(r), "method_id": s.get("method_id"), "method": s.get("method")})
-        else:
-            y_unit, y_method = y_unit or str(s.get("unit") or ""), y_method or s.get("method")
-            points.append({"label": _ref(r), "x": size / _MB, "y": float(s["value"]),
-                           "runtime": r.get("runtime"), "source": bool(r.get("is_source"))})
-
-    candidates = [i for i, p in enumerate(points) if not p["source"]]
-    front = [candidates[j] for j in pareto_front([(points[i]["x"], points[i]["y"]) for i in candidates])]
+    majority = majority_method(rows, y_metric)
+    points, skipped, not_comparable = _split(rows, y_metric, majority)
+    front = _front(points)
     front_names = [points[i]["label"] for i in front]
+    y_unit = next((str(p["unit"]) for p in points if p["unit"]), "")
+    y_method = next((p["method"] for p in points if p["method"]), None)
 
     png = _plot(points, front, source_size, y_metric, y_unit, title)
     if png_path is not None:
         _atomic_write(Path(png_path), png)
-
-    on_front = set(front_names)
-    majorities = {m: _majority_method(rows, m) for m, _, _ in _COLUMNS}
-    e = html.escape
-    out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-           f"<title>{e(title)}</title><style>{_CSS}</style></head><body>", f"<h1>{e(title)}</h1>"]
-    summary = f"{len(points)} plotted, {len(front_names)} on the frontier (\u2605)"
-    out.append(f"<p>y = <b>{e(y_metric)}</b> ({e(y_unit or '')}), lower is better; {e(summary)}.")
-    if y_method is not None:
-        out.append(f'<br><span class="muted">method {e(str(majority))}: <code>{e(_fmt_method(y_method))}</code></span>')
-    out.append("</p>")
-    b64 = base64.b64encode(png).decode("ascii")
-    out.append(f'<img alt="{e(y_metric)} vs size, Pareto frontier" src="data:image/png;base64,{b64}">')
-
-    out.append("<h2>Variants</h2><table><thead><tr>")
-    heads = ["variant", "runtime", "dtype", "group", "size MB", "\u00d7 source"] + [h for _, h, _ in _COLUMNS]
-    out.extend(f'<th class="{"l" if i < 3 else ""}">{e(h)}</th>' for i, h in enumerate(heads))
-    out.append("</tr></thead><tbody>")
-
-    def order(r: dict) -> tuple:
-        size = _num(r.get("size_bytes"))
-        return (size is None, size or 0.0, str(r.get("name")), str(r.get("version")))
-
-    for r in sorted(rows, key=order):
-        ref, size = _ref(r), _num(r.get("size_bytes"))
-        cls = "front" if ref in on_front and not r.get("is_source") else ("source" if r.get("is_source") else "")
-        mark = "\u2605 " if cls == "front" else ""
-        tag = " (source)" if r.get("is_source") else ""
-        cells = [f'<td class="l">{mark}{e(ref)}{tag}</td>',
-                 f'<td class="l">{e(str(r.get("runtime") or _MISSING))}</td>',
-                 f'<td class="l">{e(str(r.get("weight_dtype") or _MISSING))}</td>',
-                 f"<td>{e(str(r['group_size'])) if r.get('group_size') is not None else _MISSING}</td>",
-                 f"<td>{size / _MB:.2f}</td>" if size is not None else f"<td>{_MISSING}</td>",
-                 f"<td>{size / source_size:.3f}</td>" if size is not None and source_size else f"<td>{_MISSING}</td>"]
-        cells += [_cell(r, m, fmt, majorities[m]) for m, _, fmt in _COLUMNS]
-        out.append(f'<tr class="{cls}">' + "".join(cells) + "</tr>")
-    out.append("</tbody></table>")
-    if any('class="nc"' in line for line in out):
-        out.append('<p class="muted">\u2020 measured with a different evaluation method than most rows: not comparable.</p>')
-
-    if not_comparable:
-        out.append("<h2>Not comparable (different evaluation method)</h2><ul>")
-        for nc in not_comparable:
-            out.append(f"<li>{e(nc['name'])}: method {e(str(nc['method_id']))} "
-                       f"<code>{e(_fmt_method(nc['method']))}</code></li>")
-        out.append("</ul>")
-    if skipped:
-        out.append(f"<h2>Skipped (no {e(y_metric)} or size)</h2><ul>")
-        out.extend(f"<li>{e(n)}</li>" for n in skipped)
-        out.append("</ul>")
-    if generated:
-        out.append(f'<p class="muted">generated {e(generated)}</p>')
-    out.append("</body></html>\n")
-    _atomic_write(html_path, "\n".join(out).encode("utf-8"))
+    table = _table_rows(rows, set(front_names), source_size)
+    page = _template().render(
+        title=title, y_metric=y_metric, y_unit=y_unit, plotted=len(points), on_front=len(front_names),
+        method_id=str(majority), method=None if y_method is None else _fmt_method(y_method),
+        png_base64=base64.b64encode(png).decode("ascii"), score_heads=[h for _, h, _ in _COLUMNS],
+        rows=table, any_not_comparable=any(c["nc"] for r in table for c in r["scores"]),
+        not_comparable=[{"name": nc["name"], "method_id": str(nc["method_id"]), "method": _fmt_method(nc["method"])}
+                        for nc in not_comparable],
+        skipped=skipped, generated=generated)
+    _atomic_write(Path(html_path), page.encode("utf-8"))
     return {"front": front_names, "plotted": len(points), "skipped": skipped,
             "not_comparable": not_comparable, "method_id": majority}

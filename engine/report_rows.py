@@ -12,13 +12,13 @@ def report_rows(reg: Registry, patterns: tuple[str, ...] = ()) -> list[dict]:
     sources = set()
     source_row = None
     for row in reg.variants():
-        if patterns and not any(fnmatch.fnmatchcase(row["name"], p) for p in patterns):
+        if patterns and not any(fnmatch.fnmatchcase(row.name, p) for p in patterns):
             continue
         scores = reg.scores(row)
-        rows.append({"name": row["name"], "version": row["version"], "runtime": row["runtime"],
-                     "weight_dtype": row["weight_dtype"], "group_size": row["group_size"],
-                     "size_bytes": row["size_bytes"], "scores": scores})
-        sources.add(row["source_key"])
+        rows.append({"name": row.name, "version": row.version, "runtime": row.runtime,
+                     "weight_dtype": row.weight_dtype, "group_size": row.group_size,
+                     "size_bytes": row.size_bytes, "scores": scores})
+        sources.add(row.source_key)
         ratio, ppl = scores.get("size_ratio"), scores.get("source_perplexity")
         if ratio and ppl:
             weight_bytes = ratio["method"]["source_weight_bytes"]

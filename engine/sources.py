@@ -1,22 +1,28 @@
-"""Turn a recipe's ``source`` into a local model folder and an identity.
+"""Sources: where a recipe's unquantized weights come from, as small types.
 
-The identity (hub commit, folder digest, or synthetic spec + library versions) names the exact
-input bytes, so it is what cache keys are built on. ``source_identity`` computes it cheaply (no
-download, no model build) so a cached apply can be answered without touching the network.
-huggingface_hub and torch are imported only inside the functions that need them.
+Each kind of `source:` (a hub repository pinned to a commit, a local folder, a synthetic seeded
+model; more kinds register in SOURCE_TYPES) knows how to identify its exact bytes cheaply (the
+identity feeds cache keys: no download, no model build), describe itself for the registry, read its
+config.json when that is free, and materialize a local folder for a build. `source_from_recipe` is
+the only place that picks the kind. huggingface_hub and torch are imported only inside the methods
+that need them.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import tempfile
-from dataclasses import dataclass, field
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from engine.errors import SourceUnavailable
 from engine.hashing import StatCache, tree_digest, tree_manifest
+from engine.versions import VersionLookup, installed_version
 
 COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
 # Library versions whose changes can change the synthetic model's bytes.
@@ -24,24 +30,57 @@ SYNTHETIC_LIBRARIES = ("torch", "transformers", "tokenizers", "safetensors")
 _TRUE = {"1", "on", "yes", "true"}
 
 
-@dataclass(frozen=True)
-class ResolvedSource:
-    """A source pinned to exact bytes: ``identity`` feeds cache keys, ``description`` the registry."""
+@dataclass
+class Materialize:
+    """What a source needs to produce a local folder: where temporary links go, which hub files a
+    runtime needs, and `cached(work)`, which runs `work(folder)` once per source key as a store step."""
 
-    kind: str  # "hub" | "path" | "synthetic"
-    identity: dict[str, Any]
-    description: dict[str, Any] = field(default_factory=dict)
+    scratch: Path
+    allow_patterns: list[str] | None
+    stat_cache: StatCache | None
+    cached: Callable[[Callable[[Path], dict]], Path]
+    cache_dir: Path | None = None
 
 
-def source_kind(source: dict[str, Any]) -> str:
-    """Which of the three source forms this is (the schema guarantees exactly one)."""
-    kinds = [k for k in ("model", "path", "synthetic") if k in source]
-    if len(kinds) != 1:
-        raise SourceUnavailable(
-            "source needs exactly one of `model` (with `revision`), `path` or `synthetic`",
-            hint="for example `source: {model: org/name, revision: <commit sha>}` or `source: {path: ./my-model}`",
-        )
-    return {"model": "hub", "path": "path", "synthetic": "synthetic"}[kinds[0]]
+class Source(ABC):
+    """One `source:` form of a recipe."""
+
+    #: the recipe key that selects this kind (`model`, `path`, `synthetic`)
+    field: ClassVar[str]
+    #: the kind recorded in the registry (`hub`, `path`, `synthetic`)
+    kind: ClassVar[str]
+
+    def __init__(self, spec: dict[str, Any], base_dir: Path) -> None:
+        self.spec = spec
+        self.base_dir = Path(base_dir)
+
+    @abstractmethod
+    def identity(self, stat_cache: StatCache | None, versions: VersionLookup = installed_version) -> dict:
+        """What names the exact input bytes (it enters the source key); cheap, never downloads."""
+
+    @abstractmethod
+    def describe(self) -> dict:
+        """Where the source is, as recorded in the registry (not part of any key)."""
+
+    @abstractmethod
+    def detail(self, identity: dict) -> str:
+        """One line for plans and progress."""
+
+    @abstractmethod
+    def materialize(self, ctx: Materialize) -> Path:
+        """A local folder holding the model in Hugging Face layout."""
+
+    def status(self, cached: bool) -> str:
+        """The plan's word for this step: `hub`, `local`, or `cached` / `missing` for built ones."""
+        return "cached" if cached else "missing"
+
+    def config(self) -> dict | None:
+        """The model's config.json when it can be read without downloading or building anything."""
+        return None
+
+    def local_folder(self) -> Path | None:
+        """The folder the weights already lie in, when there is one before materializing."""
+        return None
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -54,7 +93,9 @@ def hub_offline() -> bool:
 
 
 def _hub_cache(cache_dir: Path | None) -> Path:
-    """The hub cache folder, reading the env now (huggingface_hub fixed its default at import)."""
+    """The hub cache folder, read from the environment now (huggingface_hub fixes its default at
+    import; this also keeps planning free of that import): HF_HUB_CACHE, else HF_HOME/hub, else
+    $XDG_CACHE_HOME/huggingface/hub, else ~/.cache/huggingface/hub."""
     if cache_dir is not None:
         return Path(cache_dir)
     env = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
@@ -62,9 +103,8 @@ def _hub_cache(cache_dir: Path | None) -> Path:
         return Path(env).expanduser()
     if os.environ.get("HF_HOME"):
         return Path(os.environ["HF_HOME"]).expanduser() / "hub"
-    from huggingface_hub import constants
-
-    return Path(constants.HF_HUB_CACHE)
+    cache_home = os.environ.get("XDG_CACHE_HOME") or str(Path("~/.cache").expanduser())
+    return Path(cache_home).expanduser() / "huggingface" / "hub"
 
 
 def _download_hint(repo: str, revision: str) -> str:
@@ -98,11 +138,6 @@ def _short_reason(error: BaseException, offline: bool) -> str:
     return f"{type(error).__name__}: {first[:200]}" if first else type(error).__name__
 
 
-def _folder_facts(folder: Path) -> dict[str, Any]:
-    files = [p for p in folder.rglob("*") if p.is_file() and not any(s.startswith(".") for s in p.relative_to(folder).parts)]
-    return {"files": len(files), "total_size": sum(p.stat().st_size for p in files)}
-
-
 def _require_config(folder: Path, what: str) -> None:
     if not (folder / "config.json").is_file():
         raise SourceUnavailable(
@@ -110,37 +145,6 @@ def _require_config(folder: Path, what: str) -> None:
             hint="a model folder needs config.json, the weights (*.safetensors) and the tokenizer "
             "files, as written by `save_pretrained` or `hf download`",
         )
-
-
-def _path_folder(source: dict[str, Any], base_dir: Path) -> Path:
-    folder = (Path(base_dir) / Path(source["path"]).expanduser()).resolve()
-    if not folder.is_dir():
-        raise SourceUnavailable(
-            f"source.path does not exist or is not a folder: {folder}",
-            hint="relative paths are relative to the recipe file",
-        )
-    _require_config(folder, "source.path")
-    return folder
-
-
-def _synthetic_identity(source: dict[str, Any]) -> dict[str, Any]:
-    from engine.runtimes import installed_version
-    from engine.synthetic import GENERATOR_VERSION, with_defaults
-
-    try:
-        spec = with_defaults(source["synthetic"])
-    except ValueError as exc:
-        raise SourceUnavailable(f"source.synthetic: {exc}") from exc
-    versions: dict[str, str] = {}
-    for name in SYNTHETIC_LIBRARIES:
-        try:
-            versions[name] = installed_version(name)
-        except metadata.PackageNotFoundError:
-            raise SourceUnavailable(
-                f"a synthetic source needs {name}, which is not installed",
-                hint="pip install 'engine[torch]'",
-            ) from None
-    return {"synthetic": spec, "versions": versions, "generator": GENERATOR_VERSION}
 
 
 def resolve_hub_revision(repo: str, revision: str, cache_dir: Path | None = None) -> str:
@@ -172,70 +176,156 @@ def resolve_hub_revision(repo: str, revision: str, cache_dir: Path | None = None
     )
 
 
-# -- public API ------------------------------------------------------------------------------
-def source_identity(
-    source: dict[str, Any],
-    base_dir: Path,
-    stat_cache: StatCache | None,
-    *,
-    cache_dir: Path | None = None,
-) -> dict[str, Any]:
-    """The identity of the source's bytes, without downloading or building anything.
+# -- the kinds -----------------------------------------------------------------------------------
+class HubSource(Source):
+    """A Hugging Face hub repository at a revision (a 40-hex commit costs nothing to identify)."""
 
-    A hub source pinned to a 40-hex commit costs nothing (no network, no hub import).
-    """
-    kind = source_kind(source)
-    if kind == "hub":
-        repo, revision = source["model"], str(source.get("revision") or "main")
-        return {"repo": repo, "commit": resolve_hub_revision(repo, revision, cache_dir)}
-    if kind == "path":
-        folder = _path_folder(source, base_dir)
-        return {"tree_digest": tree_digest(tree_manifest(folder, stat_cache))}
-    return _synthetic_identity(source)
+    field, kind = "model", "hub"
 
+    def __init__(self, spec: dict[str, Any], base_dir: Path, cache_dir: Path | None = None) -> None:
+        super().__init__(spec, base_dir)
+        self.repo, self.revision = spec["model"], str(spec.get("revision") or "main")
+        self.cache_dir = cache_dir
 
-def materialize_source(
-    source: dict[str, Any],
-    base_dir: Path,
-    dest_parent: Path,
-    *,
-    allow_patterns: list[str] | None = None,
-    cache_dir: Path | None = None,
-    stat_cache: StatCache | None = None,
-) -> tuple[Path, ResolvedSource]:
-    """A local folder holding the model, and what exactly it is.
+    def identity(self, stat_cache: StatCache | None, versions: VersionLookup = installed_version) -> dict:
+        return {"repo": self.repo, "commit": resolve_hub_revision(self.repo, self.revision, self.cache_dir)}
 
-    hub: the snapshot folder in the hub cache (downloaded unless offline); when ``allow_patterns``
-    leaves out cached files, a folder of symlinks to just the allowed files is made under
-    ``dest_parent``. path: the folder itself. synthetic: built in a new folder under ``dest_parent``.
-    """
-    kind = source_kind(source)
-    if kind == "hub":
-        return _materialize_hub(source, Path(dest_parent), allow_patterns, cache_dir)
-    if kind == "path":
-        folder = _path_folder(source, base_dir)
-        manifest = tree_manifest(folder, stat_cache)
-        facts = {"files": len(manifest), "total_size": sum(e["size"] for e in manifest)}
-        resolved = ResolvedSource(
-            "path", {"tree_digest": tree_digest(manifest)}, {"path": str(folder), **facts}
-        )
-        return folder, resolved
-    identity = _synthetic_identity(source)
-    from engine.synthetic import make_synthetic_model
+    def describe(self) -> dict:
+        return {"repo": self.repo, "revision": self.spec["revision"]}
 
-    Path(dest_parent).mkdir(parents=True, exist_ok=True)
-    folder = Path(tempfile.mkdtemp(prefix="synthetic-", dir=dest_parent))
-    make_synthetic_model(identity["synthetic"], folder)
-    return folder, ResolvedSource("synthetic", identity, {"path": str(folder), **_folder_facts(folder)})
+    def detail(self, identity: dict) -> str:
+        return f"{self.repo}@{identity.get('commit', self.revision)[:12]}"
+
+    def status(self, cached: bool) -> str:
+        return "hub"
+
+    def config(self) -> dict | None:
+        commit = self.revision if COMMIT_RE.match(self.revision) else None
+        path = (_hub_cache(self.cache_dir) / f"models--{self.repo.replace('/', '--')}" / "snapshots"
+                / str(commit) / "config.json") if commit else None
+        return _read_json(path) if path and path.is_file() else None
+
+    def materialize(self, ctx: Materialize) -> Path:
+        return _materialize_hub(self.repo, self.revision, ctx.scratch, ctx.allow_patterns,
+                                ctx.cache_dir or self.cache_dir)
 
 
-def _materialize_hub(
-    source: dict[str, Any], dest_parent: Path, allow_patterns: list[str] | None, cache_dir: Path | None
-) -> tuple[Path, ResolvedSource]:
+class PathSource(Source):
+    """A local folder in Hugging Face layout; its identity is a digest of its files (stat-cached)."""
+
+    field, kind = "path", "path"
+
+    @property
+    def folder(self) -> Path:
+        return (self.base_dir / Path(self.spec["path"]).expanduser()).resolve()
+
+    def _checked_folder(self) -> Path:
+        folder = self.folder
+        if not folder.is_dir():
+            raise SourceUnavailable(f"source.path does not exist or is not a folder: {folder}",
+                                    hint="relative paths are relative to the recipe file")
+        _require_config(folder, "source.path")
+        return folder
+
+    def identity(self, stat_cache: StatCache | None, versions: VersionLookup = installed_version) -> dict:
+        return {"tree_digest": tree_digest(tree_manifest(self._checked_folder(), stat_cache))}
+
+    def describe(self) -> dict:
+        return {"path": str(self.folder)}
+
+    def detail(self, identity: dict) -> str:
+        return str(self.folder)
+
+    def status(self, cached: bool) -> str:
+        return "local"
+
+    def config(self) -> dict | None:
+        path = self.folder / "config.json"
+        return _read_json(path) if path.is_file() else None
+
+    def local_folder(self) -> Path | None:
+        return self.folder
+
+    def materialize(self, ctx: Materialize) -> Path:
+        return self._checked_folder()
+
+
+class SyntheticSource(Source):
+    """A tiny seeded random model the engine makes itself, once per key, kept in the store."""
+
+    field, kind = "synthetic", "synthetic"
+
+    def _spec(self) -> dict:
+        from engine.synthetic import with_defaults
+
+        try:
+            return with_defaults(self.spec["synthetic"])
+        except ValueError as exc:
+            raise SourceUnavailable(f"source.synthetic: {exc}") from exc
+
+    def identity(self, stat_cache: StatCache | None, versions: VersionLookup = installed_version) -> dict:
+        from engine.synthetic import GENERATOR_VERSION
+
+        found: dict[str, str] = {}
+        for name in SYNTHETIC_LIBRARIES:
+            try:
+                found[name] = versions(name)
+            except metadata.PackageNotFoundError:
+                raise SourceUnavailable(f"a synthetic source needs {name}, which is not installed",
+                                        hint="pip install 'engine[torch]'") from None
+        return {"synthetic": self._spec(), "versions": found, "generator": GENERATOR_VERSION}
+
+    def describe(self) -> dict:
+        return {"synthetic": self.spec["synthetic"]}
+
+    def detail(self, identity: dict) -> str:
+        spec = self.spec["synthetic"]
+        return f"synthetic {spec.get('architecture')} seed={spec.get('seed')}"
+
+    def config(self) -> dict | None:
+        return {"model_type": self.spec["synthetic"].get("architecture", "phi3"), **self._spec()}
+
+    def materialize(self, ctx: Materialize) -> Path:
+        from engine.synthetic import make_synthetic_model
+
+        spec = self._spec()
+
+        def make(folder: Path) -> dict:
+            make_synthetic_model(spec, folder)
+            return {"synthetic": self.spec["synthetic"]}
+
+        return ctx.cached(make)
+
+
+#: recipe key -> the type that handles it; a new kind of source adds one line here
+SOURCE_TYPES: dict[str, type[Source]] = {cls.field: cls for cls in (HubSource, PathSource, SyntheticSource)}
+
+
+def source_from_recipe(spec: dict[str, Any], base_dir: Path) -> Source:
+    """The Source for a recipe's `source:` mapping (the schema guarantees exactly one form)."""
+    kinds = [cls for key, cls in SOURCE_TYPES.items() if key in spec]
+    if len(kinds) != 1:
+        forms = ", ".join(f"`{k}`" for k in SOURCE_TYPES)
+        raise SourceUnavailable(f"source needs exactly one of {forms}",
+                                hint="for example `source: {model: org/name, revision: <commit sha>}` "
+                                     "or `source: {path: ./my-model}`")
+    return kinds[0](spec, base_dir)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _materialize_hub(repo: str, revision: str, dest_parent: Path, allow_patterns: list[str] | None,
+                     cache_dir: Path | None) -> Path:
+    """The snapshot folder in the hub cache (downloaded unless offline); when `allow_patterns`
+    leaves out cached files, a folder of symlinks to just the allowed files under `dest_parent`."""
     import huggingface_hub
     from huggingface_hub.utils import filter_repo_objects
 
-    repo, revision = source["model"], str(source.get("revision") or "main")
     offline = hub_offline()
     try:
         snapshot = Path(
@@ -276,12 +366,4 @@ def _materialize_hub(
                 link.parent.mkdir(parents=True, exist_ok=True)
                 link.symlink_to(os.path.realpath(snapshot / rel))
     _require_config(folder, f"hub snapshot {repo}@{commit}")
-    description = {
-        "repo": repo,
-        "revision": revision,
-        "commit": commit,
-        "snapshot": str(snapshot),
-        "path": str(folder),
-        **_folder_facts(folder),
-    }
-    return folder, ResolvedSource("hub", {"repo": repo, "commit": commit}, description)
+    return folder

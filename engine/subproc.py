@@ -3,19 +3,30 @@
 Heavy converters run in a child so a crash in native code cannot take the engine's bookkeeping
 with it, and so `kill -9` of the engine also stops the child (PR_SET_PDEATHSIG) instead of leaving
 it writing into a staging folder nobody will commit.
+
+The engine's own build children (`python -m engine.runtimes.<x>_build`) share one protocol:
+`run_job` (parent) writes logs/job.json and reads logs/result.json, `child_main` (child) reads the
+job and writes the result, or {"error", "hint"} when the child raised `JobError` for a user's
+mistake that only the model reveals. The child side imports nothing heavy.
 """
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import signal
 import subprocess
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from .errors import BuildFailed
 
 _PR_SET_PDEATHSIG = 1
+#: a build child's exit code for a user's mistake (JobError), as opposed to a crash
+EXIT_JOB_ERROR = 3
+JOB_FILE, RESULT_FILE = "job.json", "result.json"
 
 
 def _die_with_parent() -> None:
@@ -73,3 +84,69 @@ def _pump(proc: subprocess.Popen, log, on_line: Callable[[str], None] | None) ->
 def _tail(path: Path, lines: int) -> str:
     data = path.read_bytes()[-8192:].decode("utf-8", "replace").replace("\r", "\n")
     return "\n".join("    " + line for line in data.splitlines()[-lines:])
+
+
+# -- the build-job protocol ----------------------------------------------------------------------
+class JobError(Exception):
+    """Raised in a build child for a user's mistake: reported as a message and hint, no traceback."""
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.hint = hint
+
+
+def run_job(module: str, job: dict, logs_dir: Path, *, what: str,
+            on_line: Callable[[str], None] | None = None, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run `python -m <module> logs_dir/job.json` and return the dict it wrote to logs_dir/result.json.
+
+    The files stay beside build.log, so a failed build keeps what it was asked and what it said.
+    BuildFailed on a user's mistake (the child's message, its hint in the message: the pipeline's
+    hint names the log), on a crash (the log's tail), or when the child reported nothing.
+    """
+    job_path, result_path = logs_dir / JOB_FILE, logs_dir / RESULT_FILE
+    job_path.write_text(json.dumps(job, indent=1), encoding="utf-8")
+    result_path.unlink(missing_ok=True)  # never read a result an earlier run left behind
+    cmd = [sys.executable, "-m", module, str(job_path)]
+    try:
+        run_logged(cmd, logs_dir / "build.log", env=env, on_line=on_line, what=what)
+    except BuildFailed:
+        _raise_job_error(_read_result(result_path))
+        raise
+    result = _read_result(result_path)
+    if result is None:
+        raise BuildFailed(f"{what} exited without writing {RESULT_FILE}")
+    return result
+
+
+def _read_result(path: Path) -> dict[str, Any] | None:
+    try:
+        result = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # absent, or cut short by a crash
+        return None
+    return result if isinstance(result, dict) else None
+
+
+def _raise_job_error(result: dict[str, Any] | None) -> None:
+    """A child's report of a user's mistake, as the BuildFailed the user sees."""
+    if result and result.get("error"):
+        hint = result.get("hint")
+        raise BuildFailed(str(result["error"]) + (f" ({hint})" if hint else "")) from None
+
+
+def child_main(run: Callable[[dict], dict], argv: Sequence[str]) -> int:
+    """The child's side of run_job: `run(job)` and write its result beside job.json; the exit code.
+
+    A JobError becomes {"error", "hint"} and exit 3; any other exception propagates (a traceback in
+    the build log, exit 1) and leaves no result, so the parent reports a crash.
+    """
+    job_path = Path(argv[0])
+    job = json.loads(job_path.read_text(encoding="utf-8"))
+    result_path = job_path.with_name(RESULT_FILE)
+    try:
+        result = run(job)
+    except JobError as error:
+        result_path.write_text(json.dumps({"error": str(error), "hint": error.hint}), encoding="utf-8")
+        print(f"error: {error}" + (f"\nhint: {error.hint}" if error.hint else ""), file=sys.stderr, flush=True)
+        return EXIT_JOB_ERROR
+    result_path.write_text(json.dumps(result, sort_keys=True), encoding="utf-8")
+    return 0

@@ -104,7 +104,11 @@ def make_synthetic_model(spec: dict[str, Any], out_dir: Path) -> None:
 
     quiet_transformers()
     import torch
-    from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerFast
+    from transformers import (
+        AutoModelForCausalLM,
+        GenerationConfig,
+        PreTrainedTokenizerFast,
+    )
 
     spec = with_defaults(spec)
     out_dir = Path(out_dir)

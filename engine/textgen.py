@@ -39,7 +39,7 @@ def cut_at_stop(text: str, stop: Iterable[str]) -> tuple[str, bool]:
 
 
 def stream_text(ids: Iterator[int], decode: Callable[[list[int]], str], eos: frozenset[int],
-                stop: list[str], on_finish: Callable[[str, int], None] | None = None) -> Iterator[str]:
+                stop: list[str]) -> Iterator[str]:
     """Turn a stream of token ids into text pieces.
 
     Decodes the whole sequence each step and emits only what is new, holding back an incomplete
@@ -47,16 +47,14 @@ def stream_text(ids: Iterator[int], decode: Callable[[list[int]], str], eos: fro
     across tokens is never shown. Concatenated pieces equal the non-streamed text.
     """
     new: list[int] = []
-    sent, reason = "", "length"
+    sent = ""
     hold = max((len(s) for s in stop if s), default=1) - 1
     for token in ids:
         if token in eos:
-            reason = "eos"
             break
         new.append(token)
         text, stopped = cut_at_stop(decode(new), stop)
         if stopped:
-            reason = "stop"
             break
         ready = text[: len(text) - hold] if hold else text
         if not ready.endswith("\ufffd") and ready.startswith(sent) and len(ready) > len(sent):
@@ -65,8 +63,6 @@ def stream_text(ids: Iterator[int], decode: Callable[[list[int]], str], eos: fro
     final, _ = cut_at_stop(decode(new), stop)
     if final.startswith(sent) and len(final) > len(sent):
         yield final[len(sent):]
-    if on_finish:
-        on_finish(reason, len(new))
 
 
 # -- chat templates ---------------------------------------------------------------------------------

@@ -5,6 +5,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .hashing import sha256_file
+from .paths import Locations
+from .records import VariantRecord
 from .registry import Registry
 from .store import Store
 
@@ -21,10 +23,10 @@ class VerifyReport:
         return not self.problems
 
 
-def verify_variant(registry: Registry, store: Store, row: dict) -> VerifyReport:
+def verify_variant(registry: Registry, store: Store, variant: VariantRecord) -> VerifyReport:
     """Every recorded file must exist with the recorded size and sha256 (full re-hash, no cache)."""
-    report = VerifyReport(f"{row['name']}@{row['version']}", store.entry_path(row["artifact_key"]) / "files")
-    recorded = registry.files(row["artifact_key"])
+    report = VerifyReport(variant.ref, store.entry_path(variant.artifact_key) / "files")
+    recorded = registry.files(variant.artifact_key)
     if not recorded:
         report.problems.append("the registry lists no files for this variant")
     if not report.artifact_dir.is_dir():
@@ -44,3 +46,22 @@ def verify_variant(registry: Registry, store: Store, row: dict) -> VerifyReport:
         if path.relative_to(report.artifact_dir).as_posix() not in known:
             report.problems.append(f"unexpected file: {path}")
     return report
+
+
+def verify(ref: str | None = None, locations: Locations | None = None, *, registry: str | Path | None = None,
+           store: str | Path | None = None) -> list[VerifyReport]:
+    """Verify one variant (NAME or NAME@V) or every version of every variant in the registry."""
+    from .errors import VariantNotFound
+    from .paths import resolve
+
+    locations = locations or resolve(registry, store)
+    if not locations.registry.exists():
+        raise VariantNotFound(f"no registry at {locations.registry}",
+                              hint="run `engine apply RECIPE.yaml` first, or pass --registry / set ENGINE_REGISTRY")
+    opened = Registry(locations.registry)
+    try:
+        entries = Store(locations.store)
+        variants = [opened.get(ref)] if ref else opened.variants(all_versions=True)
+        return [verify_variant(opened, entries, v) for v in variants]
+    finally:
+        opened.close()

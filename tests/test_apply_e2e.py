@@ -85,7 +85,7 @@ def test_load_generates_in_a_fresh_process(built):
         import engine
         m = engine.load("tiny")
         text = m.generate("Hello", max_new_tokens=8)
-        assert isinstance(text, str) and m.info["name"] == "tiny" and m.info["version"] == 1
+        assert isinstance(text, str) and m.info.name == "tiny" and m.info.version == 1
         assert type(m.native).__module__.startswith("onnxruntime_genai")
         print("GEN", repr(text))
     """, built)
@@ -111,11 +111,11 @@ def test_ls_show_json(built):
     assert "model.onnx.data" in engine("show", "tiny", cwd=built).stdout
 
 
-def test_dry_run_reports_hits_and_misses(built):
-    out = engine("apply", "--dry-run", "tiny.yaml", cwd=built).stdout
+def test_dry_run_reports_hits_and_misses(work):
+    out = engine("apply", "--dry-run", "tiny.yaml", cwd=work).stdout
     assert "build   cached" in out
-    write_recipe(built, name="tiny-g64", group_size=64)
-    out = engine("apply", "--dry-run", "tiny-g64.yaml", cwd=built).stdout
+    write_recipe(work, name="tiny-g64", group_size=64)
+    out = engine("apply", "--dry-run", "tiny-g64.yaml", cwd=work).stdout
     assert "source  cached" in out and "build   to build" in out
 
 
@@ -133,7 +133,7 @@ def test_description_change_does_not_rebuild_group_size_does(work):
     doc = json.loads(engine("show", "tiny", "--json", cwd=work).stdout)
     assert doc["steps"][0]["cached"] is True  # the synthetic source was reused
     # name@1 still loads the first build
-    proc = python("import engine; print(engine.load('tiny@1').info['group_size'])", work)
+    proc = python("import engine; print(engine.load('tiny@1').info.group_size)", work)
     assert proc.stdout.strip() == "32", proc.stderr
 
 

@@ -4,14 +4,15 @@ The quick tests run on a synthetic model; the ones marked shared_data run the tr
 WikiText-2 and check the numbers against an independent transformers computation."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 from clirun import engine
+from runtimes_present import ready_runtimes
 
 pytest.importorskip("onnxruntime_genai", reason="the onnxruntime-genai runtime is not installed")
 
@@ -72,7 +73,16 @@ def test_int8_is_closer_to_the_source_than_int4(swept):
     assert int8["source_perplexity"] == int4["source_perplexity"]  # one reference pass, shared
 
 
-def test_reapply_is_a_no_op_and_window_change_rescores_without_rebuilding(swept):
+@pytest.fixture
+def own(swept, tmp_path) -> Path:
+    """A private copy of the swept folder, for tests that change it (the module's stays as built)."""
+    target = tmp_path / "own"
+    shutil.copytree(swept, target)
+    return target
+
+
+def test_reapply_is_a_no_op_and_window_change_rescores_without_rebuilding(own):
+    swept = own
     out = engine("apply", "sweep.yaml", cwd=swept).stdout
     assert out.count("up to date, nothing rebuilt") == 2
     before = {n: json.loads(engine("show", n, "--json", cwd=swept).stdout) for n in ("ev-int8", "ev-int4")}
@@ -91,7 +101,8 @@ def test_reapply_is_a_no_op_and_window_change_rescores_without_rebuilding(swept)
     assert engine("apply", "sweep.yaml", cwd=swept).stdout.count("nothing rebuilt") == 2  # both evals cached
 
 
-def test_ls_marks_scores_of_different_methods_as_not_comparable(swept, tmp_path):
+def test_ls_marks_scores_of_different_methods_as_not_comparable(own):
+    swept = own
     other = swept / "other.yaml"
     other.write_text("""\
 name: ev-int4-w16
@@ -111,7 +122,6 @@ eval: {perplexity: {dataset: text.txt, window: 16, max_windows: 4}, speed: {enab
     kl = next(s for s in diff["scores"] if s["metric"] == "kl_divergence")
     assert kl["comparable"] and kl["delta"] > 0
     assert {"field": "quantization.weight_dtype", "a": "int8", "b": "int4"} in diff["recipe"]
-    engine("rm", "ev-int4-w16", cwd=swept)
 
 
 def test_report_writes_html_and_png(swept):
@@ -124,11 +134,8 @@ def test_report_writes_html_and_png(swept):
 
 
 def _runtimes_present() -> list[str]:
-    present = ["onnxruntime-genai"]
-    for runtime, module, package in (("openvino", "openvino", "optimum"), ("itrex", "itrex", "neural_compressor")):
-        if importlib.util.find_spec(f"engine.runtimes.{module}") and importlib.util.find_spec(package):
-            present.append(runtime)
-    return present
+    """Installed runtimes, onnxruntime-genai and openvino first (the pair this sweep was written for)."""
+    return sorted(ready_runtimes(), key=lambda n: (n != "onnxruntime-genai", n != "openvino", n))
 
 
 @pytest.mark.shared_data

@@ -3,7 +3,7 @@ and the LangChain LLM. Each runtime present is built once on the trained fixture
 ../shared/data is absent, on a synthetic model) and driven through the same assertions."""
 from __future__ import annotations
 
-import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -12,26 +12,13 @@ from pathlib import Path
 import pytest
 
 import engine
+from engine.discovery import get_runtime, runtime_names
 from engine.errors import EngineError
+from runtimes_present import unavailable
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT.parent / "shared" / "data" / "models" / "wt2-phi3-7m"
-#: runtime -> (module that must import, quantization); a runtime whose package is absent is skipped
-RUNTIMES = {
-    "onnxruntime-genai": ("onnxruntime_genai", "{weight_dtype: int4, group_size: 32}"),
-    "openvino": ("optimum.intel", "{weight_dtype: int8, scheme: asym, group_size: -1}"),
-    "itrex": ("neural_compressor", "{weight_dtype: int8, group_size: 32}"),  # scale_dtype: INC native (fp16)
-}
 PROMPTS = ["The history of the", "In 1998 , the band released", "He was born in", "The"]
-
-
-def _runtime_ready(runtime: str) -> str | None:
-    module = RUNTIMES[runtime][0]
-    if importlib.util.find_spec(module.split(".")[0]) is None:
-        return f"the {runtime} runtime's package ({module}) is not installed"
-    if importlib.util.find_spec(f"engine.runtimes.{ {'onnxruntime-genai': 'ortgenai'}.get(runtime, runtime)}") is None:
-        return f"runtime {runtime} is not implemented in this checkout"
-    return None
 
 
 @pytest.fixture(scope="module")
@@ -39,16 +26,19 @@ def work(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("inference")
 
 
-@pytest.fixture(scope="module", params=sorted(RUNTIMES))
+@pytest.fixture(scope="module", params=runtime_names())
 def model(request, work):
+    """Every installed runtime, each building its own example_quantization (a runtime whose
+    packages are absent is skipped, saying which)."""
     runtime = request.param
-    reason = _runtime_ready(runtime)
+    reason = unavailable(get_runtime(runtime))
     if reason:
         pytest.skip(reason)
     source = f"{{path: {FIXTURE}}}" if FIXTURE.is_dir() else "{synthetic: {architecture: phi3, seed: 0}}"
     name = f"inf-{runtime}"
     recipe = work / f"{name}.yaml"
-    recipe.write_text(f"name: {name}\nsource: {source}\nquantization: {RUNTIMES[runtime][1]}\n"
+    quantization = json.dumps(get_runtime(runtime).example_quantization)  # JSON is YAML
+    recipe.write_text(f"name: {name}\nsource: {source}\nquantization: {quantization}\n"
                       f"target: {{runtime: {runtime}}}\n")
     proc = subprocess.run([sys.executable, "-m", "engine", "apply", str(recipe)], cwd=work,
                           capture_output=True, text=True, timeout=900)
@@ -104,7 +94,7 @@ def test_langchain_chain_invoke_batch_stream_and_bind(model):
 
     from engine.integrations.langchain import EngineLLM
 
-    llm = EngineLLM(name=model.name, registry=str(Path(model.info["artifact_dir"]).parents[3] / "registry.db"),
+    llm = EngineLLM(name=model.name, registry=str(Path(model.info.artifact_dir).parents[3] / "registry.db"),
                     max_new_tokens=16)
     chain = PromptTemplate.from_template("Question: {question}\nAnswer:") | llm
     questions = ["Who was he?", "Where is the river?", "When did it open?"]
@@ -120,7 +110,7 @@ def test_langchain_chain_invoke_batch_stream_and_bind(model):
 
 def test_unknown_load_option_is_refused(model):
     with pytest.raises(EngineError) as info:
-        engine.load(model.name, registry=Path(model.info["artifact_dir"]).parents[3] / "registry.db",
+        engine.load(model.name, registry=Path(model.info.artifact_dir).parents[3] / "registry.db",
                     no_such_option=1)
     assert "no_such_option" in str(info.value)
 

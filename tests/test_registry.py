@@ -7,8 +7,9 @@ import pytest
 import sqlite_utils
 
 from engine.errors import VariantNotFound
-from engine.registry import MIGRATIONS, Registry, StepRecord, parse_ref
-from engine.registry_schema import migrations
+from engine.records import VariantRecord
+from engine.registry import Registry, StepRecord, parse_ref
+from engine.registry_schema import MIGRATION_NAMES, migrations
 
 
 @dataclass
@@ -35,15 +36,15 @@ def _register(reg, name="m", key="a" * 64, description="", group_size=32):
 def test_versions_and_refs(tmp_path):
     reg = Registry(tmp_path / "registry.db")
     row, created = _register(reg)
-    assert created and row["version"] == 1
+    assert created and row.version == 1
     row, created = _register(reg)  # same artifact: nothing new
-    assert not created and row["version"] == 1
+    assert not created and row.version == 1
     row, created = _register(reg, description="now described")  # description only: updated in place
-    assert not created and row["version"] == 1 and reg.get("m")["description"] == "now described"
+    assert not created and row.version == 1 and reg.get("m").description == "now described"
     row, created = _register(reg, key="b" * 64, group_size=128)
-    assert created and row["version"] == 2
-    assert reg.get("m")["version"] == 2 and reg.get("m@1")["group_size"] == 32
-    assert [s["kind"] for s in reg.steps(row["id"])] == ["source", "build"]
+    assert created and row.version == 2
+    assert reg.get("m").version == 2 and reg.get("m@1").group_size == 32
+    assert [s.kind for s in reg.steps(row.id)] == ["source", "build"]
     assert reg.files("b" * 64)[0]["sha256"] == "h"
     assert reg.referenced_keys() == {"a" * 64, "b" * 64, "s" * 64}
 
@@ -64,9 +65,9 @@ def test_remove_version_and_orphans(tmp_path):
     reg = Registry(tmp_path / "registry.db")
     _register(reg)
     _register(reg, key="b" * 64)
-    assert [r["version"] for r in reg.remove("m@1")] == [1]
+    assert [r.version for r in reg.remove("m@1")] == [1]
     assert reg.files("a" * 64) == []  # artifact rows nobody references are dropped
-    assert reg.get("m")["version"] == 2
+    assert reg.get("m").version == 2
     reg.remove("m")
     with pytest.raises(VariantNotFound):
         reg.get("m")
@@ -75,11 +76,29 @@ def test_remove_version_and_orphans(tmp_path):
 def test_migrations_recorded_and_idempotent(tmp_path):
     Registry(tmp_path / "registry.db").close()
     reg = Registry(tmp_path / "registry.db")  # reopening applies nothing new
-    assert migrations.pending(reg.db) == []
+    assert migrations().pending(reg.db) == []
     names = [r[0] for r in sqlite3.connect(tmp_path / "registry.db").execute(
         "select name from _sqlite_migrations where migration_set = 'engine.registry'")]
     assert names == ["m001_initial", "m002_scores"]
-    assert tuple(m.name for m in migrations.pending(sqlite_utils.Database(memory=True))) == MIGRATIONS
+    assert tuple(m.name for m in migrations().pending(sqlite_utils.Database(memory=True))) == MIGRATION_NAMES
+
+
+def test_records_are_typed_and_decoded_once(tmp_path):
+    reg = Registry(tmp_path / "registry.db")
+    row, _ = _register(reg)
+    assert isinstance(row, VariantRecord) and row.ref == "m@1"
+    assert row.recipe["quantization"]["group_size"] == 32 and row.source["identity"] == {"tree_digest": "t"}
+    step = reg.steps(row.id)[1]
+    assert isinstance(step, StepRecord) and step.params == {"p": 1} and step.versions == {"onnx": "1"}
+
+
+def test_registry_and_its_migrations_do_not_import_each_other():
+    import ast
+
+    root = Path(__file__).resolve().parents[1] / "engine"
+    tree = ast.parse((root / "registry_schema.py").read_text())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert not any(m and m.endswith("registry") for m in imported), imported
 
 
 def test_failed_write_leaves_nothing(tmp_path):
@@ -104,10 +123,10 @@ def test_same_artifact_new_version_only_when_behaviour_changes(tmp_path):
             artifact={"key": "a" * 64, "kind": "build", "created": "now", "size_bytes": 1},
             files=[], steps=[], engine_version="t")
 
-    assert register(base)[0]["version"] == 1
+    assert register(base)[0].version == 1
     moved = {**base, "description": "x", "eval": {"perplexity": {}}, "source": {"path": "b"},
              "quantization": {**base["quantization"], "calibration": {"dataset": "moved.txt"}}}
     assert register(moved) == (reg.get("m@1"), False)  # same content, same behaviour
     load_time = {**base, "target": {**base["target"], "options": {"ov_config": {"KV_CACHE_PRECISION": "u8"}}}}
     row, created = register(load_time)
-    assert created and row["version"] == 2 and row["artifact_key"] == "a" * 64
+    assert created and row.version == 2 and row.artifact_key == "a" * 64

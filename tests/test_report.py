@@ -89,6 +89,16 @@ def test_write_report(tmp_path: Path):
     assert not list(tmp_path.glob("out/.*.tmp"))  # atomic writes leave no temp files
 
 
+def test_report_marks_other_methods_and_names_the_plotted_one(tmp_path: Path):
+    write_report(ROWS, tmp_path / "r.html")
+    page = (tmp_path / "r.html").read_text(encoding="utf-8")
+    assert "method 256: <code>bos=True, dataset_sha256=ab12, stride=256, window=256</code>" in page
+    assert '<td class="nc" title="different evaluation method (method_id 128)">100.00 \u2020</td>' in page
+    assert "\u2020 measured with a different evaluation method than most rows" in page
+    assert "<li>other-window@1: method 128 <code>bos=True, dataset_sha256=ab12, stride=128, window=128</code>" in page
+    assert "<li>no-eval@1</li>" in page and page.endswith("</body></html>\n")
+
+
 def test_report_is_deterministic_and_kl(tmp_path: Path):
     a = write_report(ROWS, tmp_path / "a.html", tmp_path / "a.png", y_metric="kl_divergence")
     b = write_report(ROWS, tmp_path / "b.html", tmp_path / "b.png", y_metric="kl_divergence")

@@ -114,7 +114,7 @@ def test_every_variant_reloads_identically_and_generates_in_a_fresh_process(buil
         import torch
         from transformers import AutoModelForCausalLM
         import engine
-        from engine.runtimes.base import Sampling
+        from engine.runtime import Sampling
         from engine.synthetic import make_synthetic_model
 
         make_synthetic_model({{"architecture": "phi3", "seed": 0}}, Path("src"))
@@ -123,7 +123,7 @@ def test_every_variant_reloads_identically_and_generates_in_a_fresh_process(buil
         out = {{}}
         for name, dtype in {json.dumps({n: v[0] for n, v in VARIANTS.items()})}.items():
             m = engine.load(name)
-            folder = Path(m.info["artifact_dir"])
+            folder = Path(m.info.artifact_dir)
             record = json.loads((folder / "itrex.json").read_text())
             ids = torch.tensor([record["probe"]["ids"]])
             with torch.no_grad():

@@ -104,7 +104,7 @@ def loaded(built) -> dict:
     proc = python("""
         import json, engine
         from engine.errors import RecipeInvalid
-        from engine.runtimes.base import Sampling
+        from engine.runtime import Sampling
         out = {}
         for name in ("tiny-int8", "tiny-int4"):
             m = engine.load(name)

@@ -11,8 +11,32 @@ import pytest
 
 from engine.errors import SourceUnavailable
 from engine.hashing import StatCache
-from engine.sources import ResolvedSource, materialize_source, source_identity
+from engine.sources import HubSource, Materialize, source_from_recipe
 from hubcache import write_snapshot
+
+
+
+def source_identity(spec: dict, base: Path, stat_cache, cache_dir: Path | None = None) -> dict:
+    source = source_from_recipe(spec, base)
+    if isinstance(source, HubSource):
+        source.cache_dir = cache_dir
+    return source.identity(stat_cache)
+
+
+def materialize(spec: dict, base: Path, scratch: Path, allow_patterns=None, cache_dir: Path | None = None,
+                stat_cache=None) -> Path:
+    """A source's folder; a built source (synthetic) is made in a new folder under `scratch` each time."""
+    import tempfile
+
+    def cached(work):
+        scratch.mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(dir=scratch))
+        work(folder)
+        return folder
+
+    return source_from_recipe(spec, base).materialize(Materialize(scratch, allow_patterns, stat_cache, cached,
+                                                                   cache_dir))
+
 
 REPO = "org/tiny"
 COMMIT_A = "a" * 40
@@ -54,49 +78,44 @@ def model_dir(tmp_path: Path) -> Path:
 @pytest.mark.parametrize("revision, commit", [(COMMIT_A, COMMIT_A), ("main", COMMIT_B), ("v1.0", COMMIT_A)])
 def test_hub_materialize_offline(hub_cache: Path, tmp_path: Path, revision: str, commit: str) -> None:
     source = {"model": REPO, "revision": revision}
-    folder, resolved = materialize_source(source, tmp_path, tmp_path / "stage", allow_patterns=None, cache_dir=hub_cache, stat_cache=None)
-    assert isinstance(resolved, ResolvedSource)
-    assert resolved.kind == "hub"
-    assert resolved.identity == {"repo": REPO, "commit": commit}
+    folder = materialize(source, tmp_path, tmp_path / "stage", cache_dir=hub_cache)
+    assert source_from_recipe(source, tmp_path).kind == "hub"
     assert folder == hub_cache / "models--org--tiny" / "snapshots" / commit
-    assert resolved.description["revision"] == revision and resolved.description["files"] == 4
+    assert source_from_recipe(source, tmp_path).describe() == {"repo": REPO, "revision": revision}
     expected = b"weights-a" if commit == COMMIT_A else b"weights-b"
     assert (folder / "model.safetensors").read_bytes() == expected
-    assert source_identity(source, tmp_path, None, cache_dir=hub_cache) == resolved.identity
+    assert source_identity(source, tmp_path, None, cache_dir=hub_cache) == {"repo": REPO, "commit": commit}
 
 
 def test_hub_cache_from_env(hub_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_CACHE", str(hub_cache))
     source = {"model": REPO, "revision": "main"}
-    folder, resolved = materialize_source(source, tmp_path, tmp_path / "stage", allow_patterns=None, cache_dir=None, stat_cache=None)
-    assert resolved.identity["commit"] == COMMIT_B
-    assert source_identity(source, tmp_path, None) == resolved.identity
+    folder = materialize(source, tmp_path, tmp_path / "stage")
+    assert folder.name == COMMIT_B
+    assert source_identity(source, tmp_path, None) == {"repo": REPO, "commit": COMMIT_B}
 
 
 def test_hub_allow_patterns(hub_cache: Path, tmp_path: Path) -> None:
     source = {"model": REPO, "revision": COMMIT_A}
-    folder, resolved = materialize_source(
-        source, tmp_path, tmp_path / "stage", allow_patterns=["*.json", "*.safetensors"], cache_dir=hub_cache, stat_cache=None
-    )
+    folder = materialize(source, tmp_path, tmp_path / "stage", ["*.json", "*.safetensors"], hub_cache)
     names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
     assert names == ["config.json", "model.safetensors", "tokenizer.json"]
     assert folder.parent == tmp_path / "stage"  # a filtered view, the cache is untouched
     assert (folder / "model.safetensors").read_bytes() == b"weights-a"
-    assert resolved.identity == {"repo": REPO, "commit": COMMIT_A}
     assert (hub_cache / "models--org--tiny" / "snapshots" / COMMIT_A / "original" / "consolidated.pth").exists()
 
     # patterns that keep everything: the snapshot itself
-    folder2, _ = materialize_source(source, tmp_path, tmp_path / "stage", allow_patterns=["*"], cache_dir=hub_cache, stat_cache=None)
+    folder2 = materialize(source, tmp_path, tmp_path / "stage", ["*"], hub_cache)
     assert folder2 == hub_cache / "models--org--tiny" / "snapshots" / COMMIT_A
 
     with pytest.raises(SourceUnavailable, match="config.json"):
-        materialize_source(source, tmp_path, tmp_path / "stage", allow_patterns=["*.safetensors"], cache_dir=hub_cache, stat_cache=None)
+        materialize(source, tmp_path, tmp_path / "stage", ["*.safetensors"], hub_cache)
 
 
 def test_hub_unknown_commit_is_explained(hub_cache: Path, tmp_path: Path) -> None:
     source = {"model": REPO, "revision": UNKNOWN}
     with pytest.raises(SourceUnavailable) as info:
-        materialize_source(source, tmp_path, tmp_path / "stage", allow_patterns=None, cache_dir=hub_cache, stat_cache=None)
+        materialize(source, tmp_path, tmp_path / "stage", cache_dir=hub_cache)
     err = info.value
     assert f"cannot download {REPO}@{UNKNOWN}" in err.message
     assert "HF_HUB_OFFLINE" in err.message and str(hub_cache) in err.message
@@ -112,7 +131,7 @@ def test_hub_unknown_branch_offline(hub_cache: Path, tmp_path: Path) -> None:
         source_identity({"model": REPO, "revision": "dev"}, tmp_path, None, cache_dir=hub_cache)
     assert "40-character" in (info.value.hint or "")
     with pytest.raises(SourceUnavailable, match="cannot download org/tiny@dev"):
-        materialize_source({"model": REPO, "revision": "dev"}, tmp_path, tmp_path / "s", allow_patterns=None, cache_dir=hub_cache, stat_cache=None)
+        materialize({"model": REPO, "revision": "dev"}, tmp_path, tmp_path / "s", cache_dir=hub_cache)
 
 
 def test_pinned_identity_and_imports_stay_light(tmp_path: Path) -> None:
@@ -121,9 +140,9 @@ def test_pinned_identity_and_imports_stay_light(tmp_path: Path) -> None:
         "import sys, json\n"
         "from pathlib import Path\n"
         "import engine.hashing, engine.sources\n"
-        "from engine.sources import source_identity\n"
-        f"a = source_identity({{'model': 'microsoft/Phi-3.5-mini-instruct', 'revision': '{COMMIT_B}'}}, Path('.'), None)\n"
-        "b = source_identity({'synthetic': {'seed': 1}}, Path('.'), None)\n"
+        "from engine.sources import source_from_recipe\n"
+        f"a = source_from_recipe({{'model': 'microsoft/Phi-3.5-mini-instruct', 'revision': '{COMMIT_B}'}}, Path('.')).identity(None)\n"
+        "b = source_from_recipe({'synthetic': {'seed': 1}}, Path('.')).identity(None)\n"
         "heavy = [m for m in ('huggingface_hub', 'torch', 'transformers', 'tokenizers') if m in sys.modules]\n"
         "print(json.dumps([a, b, heavy]))\n"
     )
@@ -145,10 +164,11 @@ def test_path_identity_stable_and_sensitive(model_dir: Path, tmp_path: Path) -> 
     assert source_identity(source, base, cache) == first
     assert source_identity({"path": str(model_dir)}, tmp_path, None) == first
 
-    folder, resolved = materialize_source(source, base, tmp_path / "stage", allow_patterns=None, cache_dir=None, stat_cache=cache)
+    folder = materialize(source, base, tmp_path / "stage", stat_cache=cache)
     assert folder == model_dir.resolve()  # used in place, no copy
-    assert resolved.kind == "path" and resolved.identity == first
-    assert resolved.description == {"path": str(model_dir.resolve()), "files": 2, "total_size": 64 + 22}
+    described = source_from_recipe(source, base)
+    assert described.kind == "path" and described.describe() == {"path": str(model_dir.resolve())}
+    assert described.config() == {"model_type": "phi3"} and described.local_folder() == model_dir.resolve()
     assert not (tmp_path / "stage").exists()
 
     (model_dir / "model.safetensors").write_bytes(b"\x00" * 63 + b"\x01")
@@ -161,7 +181,7 @@ def test_path_missing_or_not_a_model(tmp_path: Path) -> None:
     assert str((tmp_path / "nope").resolve()) in info.value.message
     (tmp_path / "empty").mkdir()
     with pytest.raises(SourceUnavailable, match="config.json") as info:
-        materialize_source({"path": "empty"}, tmp_path, tmp_path / "s", allow_patterns=None, cache_dir=None, stat_cache=None)
+        materialize({"path": "empty"}, tmp_path, tmp_path / "s")
     assert "safetensors" in (info.value.hint or "")
 
 
@@ -193,12 +213,10 @@ def test_synthetic_deterministic_and_usable(tmp_path: Path, architecture: str) -
     source = {"synthetic": {"architecture": architecture, "seed": 7}}
     stage = tmp_path / "stage"
     rng_before = torch.random.get_rng_state()
-    one, resolved = materialize_source(source, tmp_path, stage, allow_patterns=None, cache_dir=None, stat_cache=None)
-    two, again = materialize_source(source, tmp_path, stage, allow_patterns=None, cache_dir=None, stat_cache=None)
+    one = materialize(source, tmp_path, stage)
+    two = materialize(source, tmp_path, stage)
     assert torch.equal(rng_before, torch.random.get_rng_state())  # caller's RNG untouched
     assert one != two and one.parent == stage == two.parent
-    assert resolved.kind == "synthetic" and resolved.identity == again.identity
-    assert resolved.identity == source_identity(source, tmp_path, None)
     files = _files(one)
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"} <= set(files)
     assert files == _files(two)  # byte-identical, every file

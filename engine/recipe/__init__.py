@@ -26,6 +26,7 @@ class Recipe:
     text: str  # the original text, byte for byte what was parsed
     data: dict[str, Any]  # validated, defaults filled
     positions: dict[tuple[Any, ...], tuple[int, int]]  # document path -> 1-based (line, col)
+    matrix: dict[str, Any] | None = None  # for a sweep's variant: the swept keys and their values here
 
     @property
     def name(self) -> str:
@@ -69,7 +70,7 @@ def parse_recipes(text: str, filename: str = "<string>", path: Path | None = Non
         elif runtime:
             skipped.append(Skipped(doc["name"], "; ".join(f"{i.path}: {i.message}" for i in runtime)))
         else:
-            recipes.append(Recipe(resolved, text, doc, where))
+            recipes.append(Recipe(resolved, text, doc, where, chosen))
     if issues:
         raise RecipeInvalid(sorted(issues, key=lambda i: (i.line, i.col, i.path)))
     names = [r.name for r in recipes]

@@ -29,10 +29,29 @@ def load_schema(name: str) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+@lru_cache(maxsize=1)
+def recipe_schema() -> dict[str, Any]:
+    """The common recipe schema, with target.runtime's enum listing the installed runtimes.
+
+    Cached and shared: callers must not mutate the result.
+    """
+    import copy
+
+    from engine.discovery import runtime_names
+
+    doc = copy.deepcopy(load_schema("recipe"))
+    doc["properties"]["target"]["properties"]["runtime"]["enum"] = runtime_names()
+    return doc
+
+
+@lru_cache(maxsize=None)
 def runtime_schema(runtime: str) -> dict[str, Any] | None:
-    """The runtime's own schema, or None when the runtime has none (or the name is not a plain name)."""
-    if not _RUNTIME_NAME.match(runtime):
+    """The runtime's own schema (its declaration's enums filled in), or None for an unknown name.
+
+    Cached and shared: callers must not mutate the result.
+    """
+    from engine.discovery import get_runtime, runtime_names
+
+    if not _RUNTIME_NAME.match(runtime) or runtime not in runtime_names():
         return None
-    if not (schema_dir() / "runtimes" / f"{runtime}.schema.json").is_file():
-        return None
-    return load_schema(f"runtimes/{runtime}")
+    return get_runtime(runtime).schema()

@@ -11,7 +11,7 @@ from functools import lru_cache
 from typing import Any
 
 from engine.errors import RecipeInvalid, RecipeIssue
-from engine.recipe.schemas import load_schema, runtime_schema
+from engine.recipe.schemas import load_schema, recipe_schema, runtime_schema
 from engine.recipe.yamlload import DocPath, Pos, dotted
 
 Found = tuple[DocPath, str, "str | None"]  # (document path, message, hint)
@@ -20,21 +20,24 @@ _TYPE_WORDS = {"object": "a mapping", "array": "a list", "null": "null"}
 
 
 @lru_cache(maxsize=None)
-def _validator(name: str) -> Any:
-    from jsonschema import Draft202012Validator  # ~0.1 s to import: only when a recipe is checked
+def _validator(runtime: str | None) -> Any:
+    """The common schema's validator (None) or a runtime's."""
+    from jsonschema import (
+        Draft202012Validator,  # ~0.1 s to import: only when a recipe is checked
+    )
 
-    return Draft202012Validator(load_schema(name))
+    return Draft202012Validator(recipe_schema() if runtime is None else runtime_schema(runtime))
 
 
 def validate(data: dict[str, Any], positions: dict[DocPath, Pos], filename: str) -> dict[str, Any]:
     """Validate ``data`` in place, fill schema defaults, and return it; raise RecipeInvalid listing every issue."""
-    issues = _check("recipe", data, positions, filename, None)
+    issues = _check(data, positions, filename, None)
     if issues:
         raise RecipeInvalid(issues)
     fill_defaults(load_schema("recipe"), data)
     runtime = data["target"]["runtime"]
     if runtime_schema(runtime) is not None:
-        issues = _check(f"runtimes/{runtime}", data, positions, filename, runtime)
+        issues = _check(data, positions, filename, runtime)
         if issues:
             raise RecipeInvalid(issues)
     return data
@@ -43,14 +46,14 @@ def validate(data: dict[str, Any], positions: dict[DocPath, Pos], filename: str)
 def validate_stages(data: dict[str, Any], positions: dict[DocPath, Pos], filename: str
                     ) -> tuple[list[RecipeIssue], list[RecipeIssue]]:
     """(common-schema issues, runtime-schema issues); a sweep skips combinations failing only the latter."""
-    common = _check("recipe", data, positions, filename, None)
+    common = _check(data, positions, filename, None)
     if common:
         return common, []
     fill_defaults(load_schema("recipe"), data)
     runtime = data["target"]["runtime"]
     if runtime_schema(runtime) is None:
         return [], []
-    return [], _check(f"runtimes/{runtime}", data, positions, filename, runtime)
+    return [], _check(data, positions, filename, runtime)
 
 
 def fill_defaults(schema: dict[str, Any], instance: dict[str, Any]) -> None:
@@ -64,10 +67,9 @@ def fill_defaults(schema: dict[str, Any], instance: dict[str, Any]) -> None:
             fill_defaults(sub, instance[key])
 
 
-def _check(
-    name: str, data: Any, positions: dict[DocPath, Pos], filename: str, runtime: str | None
-) -> list[RecipeIssue]:
-    errors = list(_validator(name).iter_errors(data))
+def _check(data: Any, positions: dict[DocPath, Pos], filename: str, runtime: str | None) -> list[RecipeIssue]:
+    """Issues against the common schema (runtime None) or the runtime's."""
+    errors = list(_validator(runtime).iter_errors(data))
     # A wrong type makes the enum/pattern/... errors at the same place noise.
     typed = {tuple(e.absolute_path) for e in errors if e.validator == "type"}
     issues: dict[tuple[str, str], RecipeIssue] = {}

@@ -16,20 +16,18 @@ Mapping (docs/itrex.md has the full table and what is refused):
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import queue
 import sys
-import threading
-from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from ..calibration import calibration_key, load_texts
-from ..errors import BuildFailed, EngineError
-from ..subproc import run_logged
-from .base import Model, Progress, Runtime, Sampling
+from ..errors import EngineError
+from ..recipe.schemas import load_schema
+from ..runtime import Model, Progress, Runtime, Section
+from ..subproc import run_job
+from .transformers_model import TransformersModel
 
 #: ITREX weight_dtype -> INC (dtype, bits, use_full_range)
 DTYPES: dict[str, tuple[str, int, bool]] = {
@@ -98,10 +96,27 @@ def mapping_rows(quant: dict) -> list[list[Any]]:
 
 class ItrexRuntime(Runtime):
     name = "itrex"
-    step_version = 1
+    extra = "itrex"
     distributions = ("neural-compressor-pt", "torch", "transformers", "safetensors")
+    devices = ("cpu",)
+    weight_dtypes = tuple(DTYPES)
+    algorithms = tuple(INC_CLASS)
+    load_options = {"num_threads": "torch intra-op threads"}
+    example_quantization = {"weight_dtype": "int8", "group_size": 32}  # scale_dtype: INC native (fp16)
+    step_version = 1
+    hidden_meta = ("mapping", "inc_config", "probe", "itrex")
 
-    def build_params(self, recipe: dict, base_dir: Path) -> dict:
+    def schema_document(self) -> dict:
+        return load_schema("runtimes/itrex")
+
+    def show_sections(self, meta: dict) -> list[Section]:
+        """The settings as the user wrote them (ITREX names) beside what Intel Neural Compressor got."""
+        if not meta.get("mapping"):
+            return []
+        return [Section("ITREX settings -> Intel Neural Compressor",
+                        ("ITREX setting", "as written", "INC setting", "became"), meta["mapping"])]
+
+    def build_params(self, recipe: dict, base_dir: Path, source: Any) -> dict:
         quant, options = recipe["quantization"], recipe["target"].get("options", {})
         algorithm = quant["algorithm"]
         params: dict[str, Any] = {
@@ -130,16 +145,9 @@ class ItrexRuntime(Runtime):
         if "_calibration" in params:
             job["calibration_texts"] = load_texts(params["_calibration"], Path(params["_base_dir"]))
             job["seq_len"] = params["calibration"]["seq_len"]
-        job_path = logs_dir / "job.json"
-        job_path.write_text(json.dumps(job, indent=1), encoding="utf-8")
-        cmd = [sys.executable, "-m", "engine.runtimes.itrex_build", str(job_path)]
-        try:
-            run_logged(cmd, logs_dir / "build.log", env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
-                       on_line=progress, what="itrex quantization (neural-compressor)")
-        except BuildFailed:
-            _raise_user_error(logs_dir / "result.json")
-            raise
-        result = json.loads((logs_dir / "result.json").read_text(encoding="utf-8"))
+        result = run_job("engine.runtimes.itrex_build", job, logs_dir, on_line=progress,
+                         env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
+                         what="itrex quantization (neural-compressor)")
         return {
             "implementation": "neural-compressor-pt", "api": "neural_compressor.torch.quantization",
             "implementation_version": metadata.version("neural-compressor-pt"),
@@ -150,12 +158,8 @@ class ItrexRuntime(Runtime):
             "itrex": params["_itrex"],
         }
 
-    def load(self, artifact_dir: Path, info: dict, **options: Any) -> Model:
+    def open(self, artifact_dir: Path, info: Any, **options: Any) -> Model:
         """Options: num_threads (torch intra-op threads)."""
-        unknown = set(options) - {"num_threads"}
-        if unknown:
-            raise EngineError(f"unknown load option(s) for runtime 'itrex': {', '.join(sorted(unknown))}",
-                              hint="runtime 'itrex' takes num_threads=N")
         if "num_threads" in options:
             import torch
 
@@ -174,38 +178,12 @@ class ItrexRuntime(Runtime):
         return ItrexModel(info, model, AutoTokenizer.from_pretrained(artifact_dir))
 
 
-def _raise_user_error(result_path: Path) -> None:
-    """The child reports mistakes only the model reveals (a skip_modules entry matching nothing)."""
-    try:
-        result = json.loads(result_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return
-    if result.get("error"):  # the hint goes into the message: the pipeline's hint names the log
-        hint = result.get("hint")
-        raise BuildFailed(result["error"] + (f" ({hint})" if hint else ""))
-
-
 def _weights_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".pt"))
 
 
-class ItrexModel(Model):
+class ItrexModel(TransformersModel):
     """A quantized transformers model on CPU; `native` is the torch module (INCWeightOnlyLinear layers)."""
-
-    def __init__(self, info: dict, model: Any, tokenizer: Any) -> None:
-        super().__init__(info, model)
-        self.tokenizer = tokenizer
-        config = model.generation_config
-        eos = config.eos_token_id if config.eos_token_id is not None else tokenizer.eos_token_id
-        self.eos_token_ids = frozenset(eos if isinstance(eos, list) else [] if eos is None else [eos])
-        pad = config.pad_token_id if config.pad_token_id is not None else tokenizer.pad_token_id
-        self.pad_token_id = pad if pad is not None else min(self.eos_token_ids, default=0)
-
-    def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer(text)["input_ids"])
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def logits(self, ids: list[int]) -> Any:
         import numpy as np
@@ -215,87 +193,3 @@ class ItrexModel(Model):
         with torch.no_grad():
             out = self.native(input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
         return np.asarray(out.logits[0].float(), dtype=np.float32)
-
-    def _options(self, s: Sampling) -> dict[str, Any]:
-        options: dict[str, Any] = {"max_new_tokens": s.max_new_tokens, "do_sample": s.do_sample,
-                                   "pad_token_id": self.pad_token_id, "eos_token_id": sorted(self.eos_token_ids)}
-        if s.do_sample:
-            options.update({k: v for k, v in (("temperature", s.temperature), ("top_p", s.top_p),
-                                              ("top_k", s.top_k)) if v is not None})
-        else:  # greedy whatever the checkpoint's generation_config says
-            options.update(temperature=None, top_p=None, top_k=None)
-        if s.repetition_penalty is not None:
-            options["repetition_penalty"] = s.repetition_penalty
-        return options
-
-    def _until_eos(self, ids: list[int]) -> list[int]:
-        for i, token in enumerate(ids):
-            if token in self.eos_token_ids:
-                return ids[: i + 1]
-        return ids
-
-    def generate_ids(self, batch: list[list[int]], sampling: Sampling) -> list[list[int]]:
-        """All prompts in one batch: left padding and an attention mask."""
-        import torch
-
-        width = max(len(ids) for ids in batch)
-        input_ids = torch.tensor([[self.pad_token_id] * (width - len(ids)) + ids for ids in batch])
-        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch])
-        if sampling.seed is not None:
-            torch.manual_seed(sampling.seed)
-        with torch.no_grad():
-            out = self.native.generate(input_ids=input_ids, attention_mask=mask, **self._options(sampling))
-        return [self._until_eos(row) for row in out[:, width:].tolist()]
-
-    def stream_ids(self, ids: list[int], sampling: Sampling) -> Iterator[int]:
-        """transformers' generate in a thread, its streamer feeding a queue: same tokens as generate_ids."""
-        import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList
-
-        tokens: queue.Queue = queue.Queue()
-        cancel = threading.Event()
-
-        class Streamer:
-            prompt_seen = False
-
-            def put(self, value: Any) -> None:
-                if not self.prompt_seen:  # generate first puts the prompt itself
-                    self.prompt_seen = True
-                    return
-                for token in value.reshape(-1).tolist():
-                    tokens.put(int(token))
-
-            def end(self) -> None:
-                tokens.put(None)
-
-        class Cancelled(StoppingCriteria):
-            def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-                return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool)
-
-        failure: list[BaseException] = []
-
-        def work() -> None:
-            try:
-                if sampling.seed is not None:
-                    torch.manual_seed(sampling.seed)
-                with torch.no_grad():
-                    self.native.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids),
-                                         dtype=torch.long), streamer=Streamer(),
-                                         stopping_criteria=StoppingCriteriaList([Cancelled()]),
-                                         **self._options(sampling))
-            except BaseException as error:  # handed to the consumer below
-                failure.append(error)
-                tokens.put(None)
-
-        thread = threading.Thread(target=work, name="itrex-generate", daemon=True)
-        thread.start()
-        try:
-            while (token := tokens.get()) is not None:
-                yield token
-                if token in self.eos_token_ids:
-                    return
-        finally:
-            cancel.set()
-            thread.join()
-        if failure:
-            raise failure[0]

@@ -2,9 +2,10 @@
 
     python -m engine.runtimes.itrex_build JOB.json
 
-JOB.json (written by ItrexRuntime.build) names the source folder, the output folder, the INC settings
-and the calibration texts; the child writes RESULT.json beside it: the facts for the registry, or
-{"error", "hint"} for a mistake only the model can reveal (a skip_modules entry matching nothing).
+JOB.json (written by ItrexRuntime.build through engine.subproc.run_job) names the source folder, the
+output folder, the INC settings and the calibration texts; engine.subproc.child_main writes
+result.json beside it: the facts for the registry, or {"error", "hint"} (exit 3) for a mistake only
+the model can reveal (a skip_modules entry matching nothing), raised here as JobError.
 Running in a child means a crash in native code or a kill leaves nothing but a staging folder
 nobody trusts, and INC's chatty logging lands in the step's build log.
 
@@ -26,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..subproc import JobError, child_main
+
 FORMAT = 1
 #: files of the source folder that are not weights and travel with the artifact
 _COPY = ("*.json", "*.jinja", "*.model", "*.tiktoken", "*.txt")
@@ -41,12 +44,6 @@ ABSORB_CANDIDATES = (
     ("self_attn.v_proj", ("self_attn.o_proj",)),  # only without grouped-query attention
     ("mlp.up_proj", ("mlp.down_proj",)),
 )
-
-
-class UserError(Exception):
-    def __init__(self, message: str, hint: str | None = None) -> None:
-        super().__init__(message)
-        self.hint = hint
 
 
 def say(message: str) -> None:
@@ -118,7 +115,7 @@ def resolve_skip_modules(model: Any, entries: list[str]) -> list[str]:
         hits = [n for n in names if n == entry or n.startswith(entry + ".")]
         if not hits:
             shown = ", ".join(names[:10]) + (" ..." if len(names) > 10 else "")
-            raise UserError(f"quantization.skip_modules: '{entry}' matches no Linear layer of this model",
+            raise JobError(f"quantization.skip_modules: '{entry}' matches no Linear layer of this model",
                             hint=f"Linear layers here: {shown}")
         matched += [h for h in hits if h not in matched]
     return matched
@@ -131,7 +128,7 @@ def block_prefix(model: Any) -> tuple[str, int]:
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.ModuleList) and name.endswith("layers") and len(module):
             return name, len(module)
-    raise UserError("AWQ/TEQ need the decoder blocks (a `layers` list) and found none in this model",
+    raise JobError("AWQ/TEQ need the decoder blocks (a `layers` list) and found none in this model",
                     hint="use algorithm rtn or gptq for this architecture")
 
 
@@ -153,7 +150,7 @@ def absorb_map(model: Any) -> dict[str, list[str]]:
         if all(m.in_features == width for m in block0[1:]):
             found[absorber] = list(absorbed)
     if not found:
-        raise UserError("AWQ/TEQ found no known layer pattern (input_layernorm -> q/k/v or qkv_proj, ...)",
+        raise JobError("AWQ/TEQ found no known layer pattern (input_layernorm -> q/k/v or qkv_proj, ...)",
                         hint="use algorithm rtn or gptq for this architecture")
     return found
 
@@ -321,18 +318,7 @@ def _jsonable(value: Any) -> Any:
 def main(argv: list[str]) -> int:
     # transformers imports scikit-learn (~2 s) for assisted generation only; a build never generates
     sys.modules.setdefault("sklearn", None)
-    job_path = Path(argv[0])
-    job = json.loads(job_path.read_text(encoding="utf-8"))
-    result_path = job_path.with_name("result.json")
-    try:
-        result = run(job)
-    except UserError as error:
-        result_path.write_text(json.dumps({"error": str(error), "hint": error.hint}), encoding="utf-8")
-        print(f"[itrex] error: {error}", file=sys.stderr, flush=True)
-        return 3
-    result_path.write_text(json.dumps(result, sort_keys=True), encoding="utf-8")
-    return 0
-
+    return child_main(run, argv)
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

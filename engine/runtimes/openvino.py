@@ -15,17 +15,21 @@ import math
 import re
 import shutil
 import struct
-import sys
-import threading
-from collections.abc import Iterator
 from pathlib import Path
-from queue import Queue
 from typing import Any
 
 from ..calibration import calibration_key, load_texts
-from ..errors import BuildFailed, EngineError, RecipeInvalid, RecipeIssue, RuntimeUnavailable
-from ..subproc import run_logged
-from .base import Model, Progress, Runtime, Sampling
+from ..errors import (
+    BuildFailed,
+    EngineError,
+    RecipeInvalid,
+    RecipeIssue,
+    RuntimeUnavailable,
+)
+from ..recipe.schemas import load_schema
+from ..runtime import Model, Progress, Runtime
+from ..subproc import run_job
+from .transformers_model import TransformersModel
 
 _DTYPE = {"int4": "int4", "int4_clip": "int4", "int8": "int8", "nf4": "nf4", "mxfp4": "mxfp4",
           "fp16": "fp16", "fp32": "fp32"}
@@ -139,22 +143,6 @@ def skip_modules_issue(folder: Path, config: dict, params: dict) -> RecipeIssue 
                        "modules with weights: " + ", ".join(shown[:16]) + (" ..." if len(shown) > 16 else ""))
 
 
-def _source_config(recipe: dict, base_dir: Path) -> tuple[dict | None, Path | None]:
-    """config.json of a synthetic or local source without building/downloading anything."""
-    source = recipe["source"]
-    if "synthetic" in source:
-        from ..synthetic import with_defaults
-
-        return {"model_type": source["synthetic"].get("architecture", "phi3"),
-                **with_defaults(source["synthetic"])}, None
-    if "path" in source:
-        folder = (base_dir / source["path"]).expanduser()
-        path = folder / "config.json"
-        if path.is_file():
-            return json.loads(path.read_text(encoding="utf-8")), folder
-    return None, None
-
-
 def _refuse(issues: list[RecipeIssue | None]) -> None:
     found = [i for i in issues if i is not None]
     if found:
@@ -212,11 +200,20 @@ def _readable(value: Any) -> str:
 
 class OpenVINORuntime(Runtime):
     name = "openvino"
-    step_version = 1
+    extra = "openvino"
     distributions = ("optimum-intel", "optimum", "openvino", "openvino-tokenizers", "nncf",
                      "transformers", "torch")
+    devices = ("cpu", "gpu")
+    weight_dtypes = ("int8", "int4", "int4_clip", "nf4", "mxfp4", "fp16", "fp32")
+    algorithms = ("rtn", "awq", "gptq")
+    load_options = {"ov_config": "OpenVINO properties, over the recipe's target.options.ov_config"}
+    example_quantization = {"weight_dtype": "int8", "scheme": "asym", "group_size": -1}
+    step_version = 1
 
-    def build_params(self, recipe: dict, base_dir: Path) -> dict:
+    def schema_document(self) -> dict:
+        return load_schema("runtimes/openvino")
+
+    def build_params(self, recipe: dict, base_dir: Path, source: Any) -> dict:
         quant, target = recipe.get("quantization", {}), recipe["target"]
         options = target.get("options", {})
         precision = _DTYPE[quant["weight_dtype"]]
@@ -251,7 +248,7 @@ class OpenVINORuntime(Runtime):
             params["calibration"] = calibration_key(calibration, base_dir)
             params["_calibration"] = calibration
             params["_base_dir"] = str(base_dir)
-        source_config, folder = _source_config(recipe, base_dir)
+        source_config, folder = source.config(), source.local_folder()
         _refuse([group_size_issue(source_config, params) if source_config else None,
                  skip_modules_issue(folder, source_config, params) if folder else None])
         return params
@@ -274,22 +271,17 @@ class OpenVINORuntime(Runtime):
         config_path = source_dir / "config.json"
         config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
         _refuse([group_size_issue(config, params), skip_modules_issue(source_dir, config, params)])
-        scratch = out_dir.parent / "scratch"
+        job: dict[str, Any] = {"source": str(source_dir), "out": str(out_dir),
+                               "params": {k: v for k, v in params.items() if not k.startswith("_")}}
+        if params.get("_calibration"):
+            job["texts"] = self._calibration_texts(params)
+        scratch = out_dir.parent / "scratch"  # the child's temporary files, inside the staging folder
         scratch.mkdir(exist_ok=True)
+        env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TMPDIR": str(scratch),
+               "TOKENIZERS_PARALLELISM": "false"}
         try:
-            job: dict[str, Any] = {
-                "source": str(source_dir), "out": str(out_dir), "facts": str(scratch / "facts.json"),
-                "params": {k: v for k, v in params.items() if not k.startswith("_")},
-            }
-            if params.get("_calibration"):
-                job["texts"] = self._calibration_texts(params)
-            (scratch / "job.json").write_text(json.dumps(job), encoding="utf-8")
-            cmd = [sys.executable, "-m", "engine.runtimes.openvino_build", str(scratch / "job.json")]
-            env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TMPDIR": str(scratch),
-                   "TOKENIZERS_PARALLELISM": "false"}
-            run_logged(cmd, logs_dir / "build.log", env=env, on_line=progress,
-                       what="OpenVINO export + NNCF weight compression")
-            facts = json.loads((scratch / "facts.json").read_text(encoding="utf-8"))
+            facts = run_job("engine.runtimes.openvino_build", job, logs_dir, env=env, on_line=progress,
+                            what="OpenVINO export + NNCF weight compression")
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         return {"openvino_build": facts}
@@ -303,12 +295,9 @@ class OpenVINORuntime(Runtime):
                               hint="apply again: the new content gives a new key")
         return load_texts(params["_calibration"], base_dir)
 
-    def load(self, artifact_dir: Path, info: dict, **options: Any) -> Model:
+    def open(self, artifact_dir: Path, info: Any, **options: Any) -> Model:
         override = options.pop("ov_config", None)
-        if options:
-            raise LoadFailed(f"unknown load option(s) for runtime 'openvino': {', '.join(sorted(options))}",
-                             hint="runtime 'openvino' takes ov_config={...}")
-        recipe = json.loads(info["recipe_json"]) if info.get("recipe_json") else {}
+        recipe = info.recipe
         target = recipe.get("target", {})
         recorded = target.get("options", {}).get("ov_config", {})
         if override is not None:
@@ -327,53 +316,33 @@ class OpenVINORuntime(Runtime):
                                                         ov_config=ov_config)
         except RuntimeError as error:  # OpenVINO's compile errors: bad property value, missing device
             first = str(error).strip().splitlines()
-            raise LoadFailed(f"OpenVINO could not compile {info.get('name')} for {device}: "
+            raise LoadFailed(f"OpenVINO could not compile {info.name} for {device}: "
                              f"{first[-1] if first else error}",
                              hint=f"ov_config in effect: {json.dumps(ov_config, sort_keys=True)}") from None
         tokenizer = AutoTokenizer.from_pretrained(str(artifact_dir))
         return OpenVINOModel(info, native, tokenizer, ov_config)
 
 
-class _IdQueue:
-    """A transformers streamer that hands new token ids to another thread (the prompt is skipped)."""
+class OpenVINOModel(TransformersModel):
+    """An optimum-intel OVModelForCausalLM (a stateful IR) behind the transformers generate API."""
 
-    def __init__(self) -> None:
-        self.queue: Queue = Queue()
-        self.prompt_seen = False
+    #: Prompts run one after another, not as one batch.
+    #:
+    #: With optimum-intel 2.2 + transformers 5, a batched generate on the stateful IR that follows
+    #: an earlier, longer generate call ends some rows early with an EOS the single run never
+    #: produces (even for equal-length prompts, with the state reset): wrong answers are worse
+    #: than slower ones. tests/test_inference.py pins batch == single answers.
+    batch_prompts = False
 
-    def put(self, value: Any) -> None:
-        if not self.prompt_seen:
-            self.prompt_seen = True
-            return
-        for token in value.reshape(-1).tolist():
-            self.queue.put(int(token))
-
-    def end(self) -> None:
-        self.queue.put(None)
-
-
-class OpenVINOModel(Model):
     def __init__(self, info: dict, native: Any, tokenizer: Any, ov_config: dict) -> None:
-        super().__init__(info, native)
-        self.tokenizer = tokenizer
+        super().__init__(info, native, tokenizer)
         self.requested_ov_config = ov_config
-        eos = native.generation_config.eos_token_id
-        eos = eos if isinstance(eos, list) else [eos]
-        self.eos_token_ids = frozenset(int(e) for e in eos if e is not None)
-        pad = native.generation_config.pad_token_id
-        self._pad = int(pad) if pad is not None else (min(self.eos_token_ids) if self.eos_token_ids else 0)
 
     @property
     def ov_config(self) -> dict[str, str]:
         """The requested properties as the compiled model reports them (proof they are in effect)."""
         compiled = self.native.request.get_compiled_model()
         return {key: _readable(compiled.get_property(key)) for key in self.requested_ov_config}
-
-    def encode(self, text: str) -> list[int]:
-        return [int(t) for t in self.tokenizer(text)["input_ids"]]
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def logits(self, ids: list[int]) -> Any:
         import numpy as np
@@ -386,81 +355,3 @@ class OpenVINOModel(Model):
         if logits.shape[0] != len(ids):
             raise EngineError(f"OpenVINO returned logits for {logits.shape[0]} of {len(ids)} positions")
         return logits
-
-    def _kwargs(self, s: Sampling) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {"max_new_tokens": s.max_new_tokens, "do_sample": s.do_sample,
-                                  "pad_token_id": self._pad, "eos_token_id": sorted(self.eos_token_ids)}
-        for key in ("temperature", "top_p", "top_k", "repetition_penalty"):
-            if getattr(s, key) is not None:
-                kwargs[key] = getattr(s, key)
-        return kwargs
-
-    def _generate(self, input_ids: Any, attention_mask: Any, s: Sampling, **extra: Any) -> Any:
-        import torch
-
-        if s.seed is not None:
-            torch.manual_seed(s.seed)
-        return self.native.generate(input_ids=input_ids, attention_mask=attention_mask, **self._kwargs(s), **extra)
-
-    def stream_ids(self, ids: list[int], sampling: Sampling) -> Iterator[int]:
-        import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList
-
-        stop = threading.Event()
-
-        class _Stop(StoppingCriteria):
-            def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-                return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool)
-
-        streamer = _IdQueue()
-        failure: list[BaseException] = []
-        input_ids = torch.tensor([ids], dtype=torch.long)
-
-        def run() -> None:
-            try:
-                self._generate(input_ids, torch.ones_like(input_ids), sampling, streamer=streamer,
-                               stopping_criteria=StoppingCriteriaList([_Stop()]))
-            except BaseException as error:  # re-raised in the caller's thread below
-                failure.append(error)
-                streamer.end()
-
-        worker = threading.Thread(target=run, daemon=True)
-        worker.start()
-        try:
-            while (token := streamer.queue.get()) is not None:
-                yield token
-                if token in self.eos_token_ids:
-                    return
-        finally:
-            stop.set()
-            worker.join()
-        if failure:
-            raise failure[0]
-
-    def generate_ids(self, batch: list[list[int]], sampling: Sampling) -> list[list[int]]:
-        """Prompts run one after another, not as one batch.
-
-        With optimum-intel 2.2 + transformers 5, a batched generate on the stateful IR that follows
-        an earlier, longer generate call ends some rows early with an EOS the single run never
-        produces (even for equal-length prompts, with the state reset): wrong answers are worse
-        than slower ones. tests/test_inference.py pins batch == single answers.
-        """
-        return [self._generate_batch([ids], sampling)[0] for ids in batch]
-
-    def _generate_batch(self, batch: list[list[int]], sampling: Sampling) -> list[list[int]]:
-        """One generate call for the prompts (left-padded if their lengths differ)."""
-        import torch
-
-        width = max(len(ids) for ids in batch)
-        input_ids = torch.tensor([[self._pad] * (width - len(ids)) + ids for ids in batch], dtype=torch.long)
-        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], dtype=torch.long)
-        output = self._generate(input_ids, mask, sampling)
-        results = []
-        for row in output[:, width:].tolist():
-            new: list[int] = []
-            for token in row:
-                new.append(int(token))
-                if token in self.eos_token_ids:
-                    break
-            results.append(new)
-        return results

@@ -3,18 +3,20 @@ its weights with NNCF, through optimum-intel's public API only.
 
     python -m engine.runtimes.openvino_build JOB.json
 
-JOB.json (written by engine.runtimes.openvino) holds the source folder, the output folder, the build
-parameters (the exact OVWeightQuantizationConfig arguments), the calibration texts if any, and where
-to write the facts worth recording. Everything runs offline; the parent sends our output to the
-step's build log and kills us if it dies, so nothing here needs to clean up after a crash.
+JOB.json (written by engine.runtimes.openvino through engine.subproc.run_job) holds the source
+folder, the output folder, the build parameters (the exact OVWeightQuantizationConfig arguments) and
+the calibration texts if any; engine.subproc.child_main writes the facts worth recording to
+result.json beside it. Everything runs offline; the parent sends our output to the step's build log
+and kills us if it dies, so nothing here needs to clean up after a crash.
 """
 from __future__ import annotations
 
-import json
 import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
+
+from ..subproc import child_main
 
 _LOW_BIT = {"u4", "i4", "nf4", "f4e2m1", "f8e8m0", "u8", "i8"}
 
@@ -44,8 +46,8 @@ def weight_bytes(model: Any) -> dict[str, int]:
     return dict(sorted(sizes.items()))
 
 
-def main(argv: list[str]) -> int:
-    job = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
+def run(job: dict) -> dict[str, Any]:
+    """Export and compress; the facts worth recording."""
     params, source, out = job["params"], Path(job["source"]), Path(job["out"])
     say("importing openvino, optimum-intel, nncf, transformers")
     import openvino as ov
@@ -78,9 +80,12 @@ def main(argv: list[str]) -> int:
         ov.save_model(ov_tokenizer, out / "openvino_tokenizer.xml")
         ov.save_model(ov_detokenizer, out / "openvino_detokenizer.xml")
     facts["weight_bytes"] = weight_bytes(ov.Core().read_model(out / "openvino_model.xml"))
-    Path(job["facts"]).write_text(json.dumps(facts, sort_keys=True), encoding="utf-8")
     say("done")
-    return 0
+    return facts
+
+
+def main(argv: list[str]) -> int:
+    return child_main(run, argv)
 
 
 if __name__ == "__main__":

@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BuildFailed, EngineError, RuntimeUnavailable
+from ..recipe.schemas import load_schema
+from ..runtime import Model, Progress, Runtime, Sampling
 from ..subproc import run_logged
-from .base import Model, Progress, Runtime, Sampling
 
 _PRECISION = {"int4": "int4", "int4_clip": "int4", "int8": "int8", "fp16": "fp16", "fp32": "fp32"}
 _ACCURACY_LEVEL = {"fp32": 1, "fp16": 2, "bf16": 3, "int8": 4}
-_LOAD_OPTIONS = {"num_threads", "providers"}
 _DEVICE_PACKAGES = {"cuda": "onnxruntime-genai-cuda", "dml": "onnxruntime-genai-directml"}
 
 
@@ -37,10 +37,19 @@ def module_to_node(module: str) -> str:
 
 class OrtGenAIRuntime(Runtime):
     name = "onnxruntime-genai"
-    step_version = 1
+    extra = "ortgenai"
     distributions = ("onnxruntime-genai", "onnxruntime", "onnx", "onnx-ir", "transformers", "torch")
+    devices = ("cpu", "cuda", "dml")
+    weight_dtypes = ("int4", "int4_clip", "int8", "fp16", "fp32")
+    algorithms = ("rtn",)
+    load_options = {"num_threads": "intra-op threads", "providers": "execution providers, in order"}
+    example_quantization = {"weight_dtype": "int4", "group_size": 32}
+    step_version = 1
 
-    def build_params(self, recipe: dict, base_dir: Path) -> dict:
+    def schema_document(self) -> dict:
+        return load_schema("runtimes/onnxruntime-genai")
+
+    def build_params(self, recipe: dict, base_dir: Path, source: Any) -> dict:
         quant, target = recipe.get("quantization", {}), recipe["target"]
         precision = _PRECISION[quant["weight_dtype"]]
         params: dict[str, Any] = {"precision": precision, "execution_provider": target["device"]}
@@ -91,12 +100,8 @@ class OrtGenAIRuntime(Runtime):
         _check_exclusions(log, params.get("nodes_to_exclude", []))
         return {"builder_args": cmd[3:]}
 
-    def load(self, artifact_dir: Path, info: dict, **options: Any) -> Model:
+    def open(self, artifact_dir: Path, info: Any, **options: Any) -> Model:
         """Options: num_threads (int), providers (list of execution provider names)."""
-        unknown = set(options) - _LOAD_OPTIONS
-        if unknown:
-            raise EngineError(f"unknown load option(s) for onnxruntime-genai: {', '.join(sorted(unknown))}",
-                              hint="supported: " + ", ".join(sorted(_LOAD_OPTIONS)))
         import onnxruntime_genai as og
 
         config = og.Config(str(artifact_dir))
@@ -128,7 +133,7 @@ def _check_exclusions(log: Path, nodes: list[str]) -> None:
 
 
 class OrtGenAIModel(Model):
-    def __init__(self, info: dict, model: Any, tokenizer: Any, og: Any, artifact_dir: Path) -> None:
+    def __init__(self, info: Any, model: Any, tokenizer: Any, og: Any, artifact_dir: Path) -> None:
         super().__init__(info, model)
         self.tokenizer = tokenizer
         self._og = og

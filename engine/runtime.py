@@ -1,8 +1,11 @@
-"""The small interface every runtime implements, and the model object users get back.
+"""The interface every runtime implements, and the model object users get back.
 
-A runtime says which library versions change its output (they enter the cache key), turns a
+A runtime describes itself in one place (its class attributes: name, pip extra, the distributions
+whose versions key its cache, devices, tasks, weight types, algorithms, load options), turns a
 validated recipe into the parameters that determine the artifact (nothing else enters the key, so
 a description change never rebuilds), builds an artifact from a source folder, and loads one.
+The core reads only this interface; runtimes are found by name through the `engine.runtimes`
+entry-point group (engine/discovery.py), so a third party can ship one as a pip package.
 Runtime modules import their heavy libraries inside methods, never at module level.
 
 A loaded model implements four primitives (encode, decode, stream token ids, generate a batch of
@@ -14,12 +17,19 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import EngineError
-from ..textgen import GeneratedText, cut_at_stop, find_chat_template, render_chat, stream_text
+from .errors import EngineError
+from .records import VariantRecord
+from .textgen import (
+    GeneratedText,
+    cut_at_stop,
+    find_chat_template,
+    render_chat,
+    stream_text,
+)
 
 Progress = Callable[[str], None]
 
@@ -47,15 +57,15 @@ class Model(ABC):
     #: token ids that end a generation (filled by the runtime from the artifact's config)
     eos_token_ids: frozenset[int] = frozenset()
 
-    def __init__(self, info: dict, native: Any) -> None:
-        self.info = info  # the registry record of the variant
+    def __init__(self, info: VariantRecord, native: Any) -> None:
+        self.info = info  # the registry record of the variant (info.artifact_dir: its files)
         self.native = native  # the runtime's own object, for anything the engine does not wrap
-        folder = info.get("artifact_dir")
+        folder = info.artifact_dir
         self.chat_template, self.special_tokens = find_chat_template(Path(folder)) if folder else (None, {})
 
     @property
     def name(self) -> str:
-        return f"{self.info['name']}@{self.info['version']}"
+        return self.info.ref
 
     # -- primitives each runtime implements ------------------------------------------------------
     @abstractmethod
@@ -79,7 +89,7 @@ class Model(ABC):
 
         Evaluation scores the shipped artifact through this, so every runtime provides it.
         """
-        raise EngineError(f"runtime {self.info['runtime']} cannot return logits, so it cannot be evaluated")
+        raise EngineError(f"runtime {self.info.runtime} cannot return logits, so it cannot be evaluated")
 
     # -- what users call -------------------------------------------------------------------------
     def generate(self, prompt: str | list[str], max_new_tokens: int = 64, *, do_sample: bool = False,
@@ -137,26 +147,77 @@ class Model(ABC):
         return text
 
     def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.name} runtime={self.info['runtime']}>"
+        return f"<{type(self).__name__} {self.name} runtime={self.info.runtime}>"
+
+
+@dataclass(frozen=True)
+class Section:
+    """A table `engine show` adds for a runtime (e.g. ITREX settings -> what INC got)."""
+
+    title: str
+    columns: tuple[str, ...]
+    rows: list[list[Any]] = field(default_factory=list)
 
 
 class Runtime(ABC):
+    """A runtime's declaration (class attributes) and its three jobs: params, build, load."""
+
+    #: the name recipes use in target.runtime (and the entry-point name)
     name: str
-    #: bump when the engine's own build code changes what it writes (part of the cache key)
-    step_version: int = 1
+    #: the pip extra that installs it: `pip install 'engine[<extra>]'`
+    extra: str = "all"
     #: distributions whose versions change the artifact bytes (part of the cache key)
     distributions: tuple[str, ...] = ()
+    #: target.device values it supports (the first is the default the common schema fills: cpu)
+    devices: tuple[str, ...] = ("cpu",)
+    #: what kind of model it builds
+    tasks: tuple[str, ...] = ("text-generation",)
+    #: quantization.weight_dtype values it supports
+    weight_dtypes: tuple[str, ...] = ()
+    #: quantization.algorithm values it supports
+    algorithms: tuple[str, ...] = ("rtn",)
+    #: keyword options of engine.load(name, **options): name -> what it does
+    load_options: dict[str, str] = {}
+    #: a cheap variant of this runtime (a recipe's quantization section) for smoke tests and docs
+    example_quantization: dict[str, Any] = {"weight_dtype": "int8"}
+    #: bump when the engine's own build code changes what it writes (part of the cache key)
+    step_version: int = 1
     #: files to fetch from a hub repository for a build
     source_patterns: tuple[str, ...] = (
         "*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken",
     )
+    #: build facts (artifact meta keys) too long or internal for `engine show`'s summary
+    hidden_meta: tuple[str, ...] = ()
 
+    # -- the declaration as a JSON Schema ----------------------------------------------------------
+    def schema_document(self) -> dict:
+        """Constraints beyond the declaration (options, group sizes, hints): a JSON Schema over the
+        whole recipe. Built-in runtimes keep theirs in schemas/runtimes/<name>.schema.json."""
+        return {"type": "object"}
+
+    def schema(self) -> dict:
+        """The runtime's recipe schema: schema_document() with the declared enums filled in."""
+        import copy
+
+        doc = copy.deepcopy(self.schema_document())
+        doc.setdefault("title", f"runtime {self.name}")
+        props = doc.setdefault("properties", {})
+        quant = props.setdefault("quantization", {"type": "object"}).setdefault("properties", {})
+        target = props.setdefault("target", {"type": "object"}).setdefault("properties", {})
+        quant.setdefault("weight_dtype", {})["enum"] = list(self.weight_dtypes)
+        quant.setdefault("algorithm", {})["enum"] = list(self.algorithms)
+        target.setdefault("device", {})["enum"] = list(self.devices)
+        return doc
+
+    # -- jobs --------------------------------------------------------------------------------------
     @abstractmethod
-    def build_params(self, recipe: dict, base_dir: Path) -> dict:
+    def build_params(self, recipe: dict, base_dir: Path, source: Any) -> dict:
         """The normalized parameters that determine the artifact (JSON-able).
 
-        Keys starting with "_" reach `build` but not the cache key: use them for inputs whose
-        content the key already holds (a calibration file's path beside its content hash).
+        `source` is the recipe's engine.sources.Source: `source.config()` reads config.json without
+        downloading or building anything. Keys starting with "_" reach `build` but not the cache
+        key: use them for inputs whose content the key already holds (a calibration file's path
+        beside its content hash).
         """
 
     def check_available(self, recipe: dict) -> None:
@@ -167,6 +228,27 @@ class Runtime(ABC):
               progress: Progress) -> dict:
         """Write the artifact into `out_dir`; return facts worth recording (JSON-able)."""
 
+    def load(self, artifact_dir: Path, info: Any, **options: Any) -> Model:
+        """Open a built artifact (`info` is the registry's VariantRecord); options are checked
+        against `load_options` first."""
+        self.check_load_options(options)
+        return self.open(artifact_dir, info, **options)
+
     @abstractmethod
-    def load(self, artifact_dir: Path, info: dict, **options: Any) -> Model:
-        """Open a built artifact."""
+    def open(self, artifact_dir: Path, info: Any, **options: Any) -> Model:
+        """Open a built artifact with options already checked by name."""
+
+    def check_load_options(self, options: dict[str, Any]) -> None:
+        unknown = sorted(set(options) - set(self.load_options))
+        if unknown:
+            takes = ", ".join(f"{k} ({v})" for k, v in self.load_options.items()) or "no options"
+            raise EngineError(f"unknown load option(s) for runtime '{self.name}': {', '.join(unknown)}",
+                              hint=f"runtime '{self.name}' takes {takes}")
+
+    # -- what `engine show` adds -------------------------------------------------------------------
+    def show_sections(self, meta: dict) -> list[Section]:
+        """Tables `engine show` prints for a variant of this runtime, from its build facts."""
+        return []
+
+    def __repr__(self) -> str:
+        return f"<runtime {self.name}>"

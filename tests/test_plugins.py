@@ -1,0 +1,87 @@
+"""A runtime shipped by a third party: found through the `engine.runtimes` entry-point group,
+validated against its own declaration, applied, registered, shown and loaded by name. The runtime
+is defined in tests/plugins; nothing is installed: the test writes a dist-info folder that declares
+the entry point and puts both folders on PYTHONPATH of the real CLI."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PLUGINS = Path(__file__).resolve().parent / "plugins"
+
+
+@pytest.fixture()
+def work(tmp_path: Path) -> tuple[Path, dict]:
+    site = tmp_path / "site"
+    dist = site / "toy_engine_runtime-0.1.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: toy-engine-runtime\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[engine.runtimes]\ntoy = toy_runtime:ToyRuntime\n")
+    model = tmp_path / "model"
+    model.mkdir()
+    np = pytest.importorskip("numpy")
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(0)
+    save_file({"a.weight": rng.standard_normal((4, 8)).astype(np.float32),
+               "b.weight": rng.standard_normal((2, 8)).astype(np.float32)}, str(model / "model.safetensors"))
+    (model / "config.json").write_text('{"model_type": "toy"}')
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PLUGINS), str(site), os.environ.get("PYTHONPATH", "")])}
+    return tmp_path, env
+
+
+def run(work: Path, env: dict, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "engine", *args], cwd=work, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_third_party_runtime_applies_registers_and_loads(work):
+    folder, env = work
+    (folder / "toy.yaml").write_text("name: toy-int8\nsource: {path: model}\n"
+                                     "quantization: {weight_dtype: int8, group_size: -1}\ntarget: {runtime: toy}\n")
+    proc = run(folder, env, "apply", "toy.yaml")
+    assert proc.returncode == 0, proc.stderr
+    assert "toy-int8@1: built" in proc.stdout
+    shown = json.loads(run(folder, env, "show", "toy-int8", "--json").stdout)
+    assert shown["runtime"] == "toy" and shown["build_meta"]["tensors"] == 2
+    assert shown["sections"] == [{"title": "toy storage", "columns": ["what", "as"], "rows": [["weights", "int8 per row"]]}]
+    assert "numpy" in shown["steps"][1]["versions"]  # the declared distributions key its cache
+    assert "toy storage" in run(folder, env, "show", "toy-int8").stdout
+    code = ("import engine; m = engine.load('toy-int8', repeat=65); "
+            "print(m.generate('hi', max_new_tokens=3), list(m.stream('hi', max_new_tokens=2)))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=folder, env=env, capture_output=True, text=True)
+    assert out.stdout.split() == ["AAA", "['A',", "'A']"], out.stderr
+    code = ("import engine\ntry: engine.load('toy-int8', threads=2)\n"
+            "except engine.EngineError as e: print(e.message, '|', e.hint)")
+    bad = subprocess.run([sys.executable, "-c", code], cwd=folder, env=env, capture_output=True, text=True)
+    assert "unknown load option(s) for runtime 'toy': threads | runtime 'toy' takes repeat" in bad.stdout, bad.stderr
+    again = run(folder, env, "apply", "toy.yaml")
+    assert "up to date, nothing rebuilt" in again.stdout
+
+
+def test_declaration_is_the_schema(work):
+    folder, env = work
+    schema = json.loads(run(folder, env, "schema", "--runtime", "toy").stdout)
+    quant = schema["properties"]["quantization"]["properties"]
+    assert quant["weight_dtype"]["enum"] == ["int8"] and quant["algorithm"]["enum"] == ["rtn"]
+    assert schema["properties"]["target"]["properties"]["device"]["enum"] == ["cpu"]
+    assert "toy" in json.loads(run(folder, env, "schema").stdout)["properties"]["target"]["properties"]["runtime"]["enum"]
+    (folder / "bad.yaml").write_text("name: toy-nf4\nsource: {path: model}\nquantization: {weight_dtype: nf4}\n"
+                                     "target: {runtime: toy, device: gpu}\n")
+    proc = run(folder, env, "validate", "bad.yaml")
+    assert proc.returncode == 3
+    assert "quantization.weight_dtype: 'nf4' is not supported by runtime 'toy' (supported: int8)" in proc.stderr
+    assert "target.device: 'gpu' is not supported by runtime 'toy' (supported: cpu)" in proc.stderr
+
+
+def test_without_the_plugin_the_runtime_is_unknown(tmp_path):
+    (tmp_path / "toy.yaml").write_text("name: t\nsource: {path: model}\ntarget: {runtime: toy}\n")
+    proc = subprocess.run([sys.executable, "-m", "engine", "validate", "toy.yaml"], cwd=tmp_path,
+                          capture_output=True, text=True)
+    assert proc.returncode == 3 and "target.runtime: 'toy' is not one of" in proc.stderr
+    assert "onnxruntime-genai" in proc.stderr
