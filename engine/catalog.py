@@ -5,7 +5,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from .discovery import UnknownRuntime, get_runtime
-from .errors import VariantNotFound
+from .errors import RegistryNotFound
 from .paths import Locations, resolve
 from .records import ScoreRecord, VariantRecord
 from .registry import Registry
@@ -13,13 +13,13 @@ from .registry import Registry
 T = TypeVar("T")
 
 
-def with_registry(locations: Locations | None, fn: Callable[[Registry], T]) -> T:
-    """Run fn(registry); reading never creates a registry file as a side effect."""
+def with_registry(locations: Locations | None, fn: Callable[[Registry], T], *, readonly: bool = True) -> T:
+    """Run fn(registry); reading never creates or writes a registry file (so it works read-only)."""
     locations = locations or resolve()
     if not locations.registry.exists():
-        raise VariantNotFound(f"no registry at {locations.registry}",
+        raise RegistryNotFound(f"no registry at {locations.registry}",
                               hint="run `engine apply RECIPE.yaml` first, or pass --registry / set ENGINE_REGISTRY")
-    registry = Registry(locations.registry)
+    registry = Registry(locations.registry, readonly=readonly)
     try:
         return fn(registry)
     finally:

@@ -13,6 +13,8 @@ import click
 
 from . import __version__
 from .errors import (
+    ENVIRONMENT_ERRNOS,
+    EXIT_ERROR,
     EXIT_INTERNAL,
     EXIT_INVALID_RECIPE,
     EXIT_VERIFY_FAILED,
@@ -329,20 +331,22 @@ def rm(loc: Locations, ref: str) -> None:
     """Remove NAME (every version) or NAME@VERSION from the registry; `engine gc` frees the files."""
     from .catalog import with_registry
 
-    for variant in with_registry(loc, lambda reg: reg.remove(ref)):
+    for variant in with_registry(loc, lambda reg: reg.remove(ref), readonly=False):
         click.echo(f"removed {variant.ref}")
     click.echo("run `engine gc` to delete store entries no variant uses any more", err=True)
 
 
 @cli.command()
 @click.option("--dry-run", is_flag=True, help="Only list what would be deleted.")
+@click.option("--forget", multiple=True, type=click.Path(dir_okay=False),
+              help="A registry that used this store and was deleted on purpose: stop keeping its entries.")
 @click.pass_obj
-def gc(loc: Locations, dry_run: bool) -> None:
-    """Delete store entries that no registered variant references."""
+def gc(loc: Locations, dry_run: bool, forget: tuple[str, ...]) -> None:
+    """Delete store entries that no registry sharing the store references (refuses during an apply)."""
     from .gc import gc as collect
     from .render import human_size
 
-    report = collect(loc, dry_run=dry_run)
+    report = collect(loc, dry_run=dry_run, forget=forget)
     for freed in report.entries:
         click.echo(f"{'would delete' if dry_run else 'deleted'} {freed.key[:16]}… ({human_size(freed.size)})")
     click.echo(f"{'would free' if dry_run else 'freed'} {human_size(report.bytes)}")
@@ -393,6 +397,10 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as error:  # a bug in the engine, not the user's mistake
         if debug:
             raise
+        if isinstance(error, OSError) and error.errno in ENVIRONMENT_ERRNOS:  # the machine's fault
+            click.echo(f"error: {error.filename or 'a file'}: {error.strerror}", err=True)
+            click.echo("hint: free space or fix the permissions of that path, then run the command again", err=True)
+            sys.exit(EXIT_ERROR)
         click.echo(f"internal error: {type(error).__name__}: {error}", err=True)
         click.echo("hint: set ENGINE_DEBUG=1 for the traceback, and please report it", err=True)
         sys.exit(EXIT_INTERNAL)

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from .discovery import get_runtime
-from .errors import VerificationFailed
+from .errors import RegistryNotFound, VerificationFailed
 from .paths import resolve
 from .registry import Registry
 from .runtime import Model
@@ -22,7 +22,10 @@ def load(ref: str, *, verify: bool = False, registry: str | Path | None = None,
     Extra keyword options go to the runtime's loader (each runtime lists its load_options).
     """
     locations = resolve(registry, store)
-    reg = Registry(locations.registry)
+    if not locations.registry.exists():
+        raise RegistryNotFound(f"no registry at {locations.registry}",
+                               hint="run `engine apply RECIPE.yaml` first, or pass registry= / set ENGINE_REGISTRY")
+    reg = Registry(locations.registry, readonly=True)
     try:
         record = reg.get(ref)
         st = Store(locations.store)

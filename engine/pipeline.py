@@ -6,14 +6,15 @@ gives one result per variant, plus the combinations skipped and why); the CLI on
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import __version__
-from .errors import EngineError
+from .errors import ArtifactVanished, EngineError, SourceChanged, store_error
 from .evaluation import compute_reference, evaluate_variant
 from .paths import Locations, resolve
 from .plan import Plan, make_plan
@@ -111,10 +112,31 @@ def apply_recipe(recipe: Recipe, locations: Locations, *, force: bool = False, d
     ran: list[StepRecord] = []
     if force or store.get(plan.build.key) is None:
         plan.runtime.check_available(recipe.data)
-    entry = _build(plan, store, ran, progress, force)
-    evaluation = _evaluate(plan, store, entry, ran, progress, force) if plan.spec else None
-    variant, created = _register(plan, entry, ran, evaluation, locations)
+    with _applying(plan, store, locations, force):
+        entry = _build(plan, store, ran, progress, force)
+        evaluation = _evaluate(plan, store, entry, ran, progress, force) if plan.spec else None
+        variant, created = _register(plan, store, entry, ran, evaluation, locations)
     return ApplyResult(plan, variant, created, ran, time.perf_counter() - started)
+
+
+@contextlib.contextmanager
+def _applying(plan: Plan, store: Store, locations: Locations, force: bool) -> Iterator[None]:
+    """Check before any work that the registry takes a write; then hold the store's apply lock
+    (gc refuses meanwhile) and list this registry among the store's users. A read-only store is
+    fine when nothing needs writing to it (every step cached)."""
+    registry = Registry(locations.registry)
+    try:
+        registry.check_writable()
+    finally:
+        registry.close()
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(store.applying())
+            store.attach(locations.registry.resolve())
+        except OSError as error:
+            if force or not all(step.hit for step in plan.steps):
+                raise store_error(store.root, error) from error
+        yield
 
 
 def _materialize(plan: Plan, store: Store, ran: list[StepRecord], progress: Progress) -> Path:
@@ -142,6 +164,7 @@ def _build(plan: Plan, store: Store, ran: list[StepRecord], progress: Progress, 
         progress(f"building {step.detail}", False)
         meta = plan.runtime.build(source_dir, stage.files_dir, step.inputs, stage.logs_dir,
                                   lambda line: progress(line, True))
+        _check_source_unchanged(plan, store)
         return {"runtime": plan.runtime.name, "recipe": plan.recipe.name, **meta}
 
     return run_step(store, step, work, ran, progress, force=force, message=f"building {step.detail}")
@@ -154,9 +177,13 @@ def _evaluate(plan: Plan, store: Store, artifact: Entry, ran: list[StepRecord], 
     assert eval_step is not None
     ref_entry = None
     if ref_step:
-        ref_entry = run_step(store, ref_step, lambda stage: compute_reference(
-            _materialize(plan, store, ran, progress), plan.spec, stage.files_dir, lambda m: progress(m, True)),
-            ran, progress)
+        def reference(stage) -> dict:
+            meta = compute_reference(_materialize(plan, store, ran, progress), plan.spec, stage.files_dir,
+                                     lambda m: progress(m, True))
+            _check_source_unchanged(plan, store)
+            return meta
+
+        ref_entry = run_step(store, ref_step, reference, ran, progress)
     info = VariantRecord(plan.recipe.name, 0, plan.runtime.name, recipe=plan.recipe.data,
                          artifact_dir=str(artifact.files_dir))
 
@@ -171,13 +198,36 @@ def _evaluate(plan: Plan, store: Store, artifact: Entry, ran: list[StepRecord], 
     return {"key": eval_step.key, "scores": scores, "versions": eval_step.versions}
 
 
-def _register(plan: Plan, entry: Entry, ran: list[StepRecord], evaluation: dict | None,
+def _check_source_unchanged(plan: Plan, store: Store) -> None:
+    """A local source folder must hold the bytes its digest named when the step began: otherwise the
+    step would be committed under the old key with the new bytes (a poisoned cache). The stat cache
+    makes this cheap; a file whose stat moved is hashed again."""
+    folder = plan.source_type.local_folder()
+    if folder is None:
+        return
+    with store.stat_cache() as cache:
+        moved = plan.source_type.identity(cache) != plan.source["identity"]
+    if moved:
+        raise SourceChanged(f"the source folder {folder} changed while it was being read; nothing was kept",
+                            hint="leave the folder alone during `engine apply`, then apply again")
+
+
+def _check_present(store: Store, *entries: Entry) -> None:
+    """The entries about to be registered are still complete in the store (no one deleted them)."""
+    for entry in entries:
+        if store.get(entry.key) is None or not entry.files_dir.is_dir():
+            raise ArtifactVanished(f"the store entry {entry.root} disappeared before it was registered; "
+                                   "nothing was registered", hint="apply again (it rebuilds what is missing)")
+
+
+def _register(plan: Plan, store: Store, entry: Entry, ran: list[StepRecord], evaluation: dict | None,
               locations: Locations) -> tuple[VariantRecord, bool]:
     artifact = {"key": entry.key, "kind": "build", "runtime": plan.runtime.name,
                 "created": entry.manifest["created"], "size_bytes": entry.size,
                 "meta": entry.manifest.get("meta", {})}
     done = {s.kind: s for s in ran}
     steps = [done.get(s.kind) or s.record(True) for s in plan.steps]
+    _check_present(store, entry)
     registry = Registry(locations.registry)
     try:
         return registry.register(

@@ -8,15 +8,18 @@ records (engine/records.py) whose JSON columns are decoded once, here.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import sqlite3
 import time
+from collections.abc import Iterator
 from functools import cached_property
+from urllib.parse import quote
 from pathlib import Path
 from typing import Any
 
-from .errors import EngineError, VariantNotFound
+from .errors import EngineError, VariantNotFound, registry_error
 from .records import ScoreRecord, StepRecord, VariantRecord
 from .registry_schema import MIGRATION_NAMES, MIGRATION_SET
 
@@ -39,19 +42,64 @@ def _now() -> str:
 
 
 class Registry:
-    """A registry.db file. Opening it applies pending migrations (cheap when there are none)."""
+    """A registry.db file. Opening it applies pending migrations (cheap when there are none).
 
-    def __init__(self, path: str | Path) -> None:
+    `readonly=True` (ls, show, verify, gc's look at other registries) opens it without writing
+    anything, so reads work on a read-only file or folder. Every sqlite3/OS failure becomes one
+    RegistryDamaged or RegistryUnavailable naming the file.
+    """
+
+    def __init__(self, path: str | Path, *, readonly: bool = False) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.conn = sqlite3.connect(self.path, timeout=30)
-        self.conn.execute("PRAGMA journal_mode = WAL")
-        self.conn.execute("PRAGMA foreign_keys = ON")
-        if self._pending_migrations():
-            from .registry_schema import migrations
+        self.readonly = readonly
+        with self.errors():
+            self.conn = self._connect_readonly() if readonly else self._connect()
+            if not readonly and self._pending_migrations():
+                from .registry_schema import migrations
 
-            with _exclusive(self.conn):
-                migrations().apply(self.db)
+                with _exclusive(self.conn):
+                    migrations().apply(self.db)
+
+    def _connect(self) -> sqlite3.Connection:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self.path, timeout=30)
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA foreign_keys = ON")
+        return conn
+
+    def _connect_readonly(self) -> sqlite3.Connection:
+        """mode=ro; where even that cannot open (no -shm can be made beside it), immutable=1: nobody
+        can be writing a file in a folder no one may write."""
+        uri = f"file:{quote(str(self.path.absolute()))}"
+        for options in ("?mode=ro", "?mode=ro&immutable=1"):
+            conn = sqlite3.connect(uri + options, uri=True, timeout=30)
+            try:
+                conn.execute("select count(*) from variants").fetchone()
+                return conn
+            except sqlite3.OperationalError as error:
+                conn.close()
+                if "unable to open" not in str(error):
+                    raise
+        raise sqlite3.OperationalError("unable to open database file")
+
+    @contextlib.contextmanager
+    def errors(self) -> Iterator[None]:
+        """Turn a sqlite3 or OS failure on this file into one clear EngineError."""
+        try:
+            yield
+        except (sqlite3.DatabaseError, OSError) as error:
+            raise registry_error(self.path, error) from error
+
+    def check_writable(self) -> None:
+        """Fail now, not after a long build, when the registry cannot take a write: a real write
+        (the header's user_version set to itself) in a transaction that is rolled back."""
+        with self.errors():
+            version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                self.conn.execute(f"PRAGMA user_version = {int(version)}")
+            finally:
+                self.conn.execute("ROLLBACK")
 
     @cached_property
     def db(self):
@@ -70,7 +118,10 @@ class Registry:
     def query(self, sql: str, params: list | tuple = ()) -> list[dict]:
         cursor = self.conn.cursor()
         cursor.row_factory = _dict_row  # per cursor: sqlite-utils shares the connection and wants tuples
-        return cursor.execute(sql, params).fetchall()
+        if sql.lstrip().startswith("select name from _sqlite_migrations"):
+            return cursor.execute(sql, params).fetchall()  # its absence is a question, not a fault
+        with self.errors():
+            return cursor.execute(sql, params).fetchall()
 
     def close(self) -> None:
         self.conn.close()
@@ -136,6 +187,13 @@ class Registry:
         `evaluation` = {"key", "scores", "versions"}: recorded once per eval key; a changed eval
         spec re-points the variant at the new scores without adding a version.
         """
+        with self.errors():
+            return self._register(recipe, recipe_json, source, artifact, files, steps, engine_version,
+                                  rebuilt, evaluation)
+
+    def _register(self, recipe: Any, recipe_json: dict, source: dict, artifact: dict, files: list[dict],
+                  steps: list[StepRecord], engine_version: str, rebuilt: bool,
+                  evaluation: dict | None) -> tuple[VariantRecord, bool]:
         eval_key = evaluation["key"] if evaluation else None
         with _exclusive(self.conn):
             if evaluation:
@@ -233,7 +291,7 @@ class Registry:
             rows = [r for r in rows if r.version == version]
         if not rows:
             self.get(ref)  # raises VariantNotFound with a suggestion
-        with _exclusive(self.conn):
+        with self.errors(), _exclusive(self.conn):
             for row in rows:
                 self.conn.execute("delete from steps where variant_id = ?", [row.id])
                 self.conn.execute("delete from variants where id = ?", [row.id])

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import EngineError
+from .errors import ENVIRONMENT_ERRNOS, EngineError, os_error_text, store_error
 from .records import StepRecord
 from .store import Entry, Staging, Store
 
@@ -52,11 +52,23 @@ def run_step(store: Store, step: StepPlan, work: Work, ran: list[StepRecord], pr
              *, force: bool = False, message: str | None = None) -> Entry:
     """The store entry for `step.key`: reused, or made by `work(stage)` and committed.
 
-    `work` returns facts for the manifest's meta. A step that ran is appended to `ran`.
+    `work` returns facts for the manifest's meta. A step that ran is appended to `ran`. A full,
+    read-only or forbidden store becomes one StoreUnavailable naming the path.
     """
     entry = None if force else store.get(step.key)
     if entry is not None:
         return entry
+    try:
+        return _run_locked(store, step, work, ran, progress, force, message)
+    except OSError as error:
+        if isinstance(error, EngineError) or error.errno not in ENVIRONMENT_ERRNOS:
+            raise
+        raise store_error(store.root, error) from error
+
+
+def _run_locked(store: Store, step: StepPlan, work: Work, ran: list[StepRecord], progress: Progress,
+                force: bool, message: str | None) -> Entry:
+    """Under the key's lock: re-check the store, then run the work in staging and commit it."""
     with store.lock(step.key):
         entry = None if force else store.get(step.key)  # made meanwhile by another apply?
         if entry is not None:
@@ -76,7 +88,13 @@ def run_step(store: Store, step: StepPlan, work: Work, ran: list[StepRecord], pr
     return entry
 
 
-def _keep_failed_logs(store: Store, logs_dir: Path, key: str) -> Path:
+def _keep_failed_logs(store: Store, logs_dir: Path, key: str) -> str:
+    """Where the failed step's logs were kept; a copy that fails (a full disk) must not hide the
+    step's own error, so it only says why the logs are not there."""
     target = store.root / "failed" / f"{key}.{time.strftime('%Y%m%dT%H%M%S')}"
-    shutil.copytree(logs_dir, target, dirs_exist_ok=True)
-    return target
+    try:
+        shutil.copytree(logs_dir, target, dirs_exist_ok=True)
+    except OSError as error:
+        shutil.rmtree(target, ignore_errors=True)
+        return f"not kept: copying them to {target} failed ({os_error_text(error)})"
+    return str(target)

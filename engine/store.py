@@ -9,11 +9,17 @@ Layout (pinned by tests/test_store.py)::
       staging/<key>.<pid>.<token>/    # a build in progress; never read by anyone else
       trash/                          # entries being replaced or removed
       locks/<key>.lock                # one builder per key at a time (flock)
+      locks/gc.lock                   # every apply holds it shared, gc exclusive: never both
+      registries/<sha256 of path>     # one line: a registry that uses this store (gc reads them all)
       state.db                        # stat cache: (path, size, mtime_ns, inode) -> sha256
 
 A build writes into its own staging folder; `commit` hashes the payload, writes the manifest and
 renames the folder into `artifacts/` in one `os.replace`. A crash or `kill -9` at any point leaves
 either no entry or a complete one; stale staging folders are swept by the next run.
+
+Several registries may share one store. Each apply and gc writes its registry's path under
+`registries/`, so gc keeps every entry any of them references; and gc cannot run while an apply
+holds `locks/gc.lock`, so it never deletes work that is not registered yet.
 """
 from __future__ import annotations
 
@@ -28,7 +34,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .hashing import StatCache, tree_manifest
+from .errors import StoreBusy
+from .hashing import StatCache, content_key, tree_manifest
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
@@ -100,7 +107,50 @@ class Store:
         folder = self.root / "artifacts"
         return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
 
+    def registries(self) -> list[Path]:
+        """The registries that said they use this store (gc must keep what any of them uses)."""
+        folder = self.root / "registries"
+        if not folder.is_dir():
+            return []
+        return sorted(Path(p.read_text(encoding="utf-8").strip()) for p in folder.iterdir()
+                      if not p.name.endswith(".tmp"))
+
     # -- writing -------------------------------------------------------------------------------
+    def attach(self, registry: Path) -> None:
+        """Record that `registry` uses this store (idempotent; written atomically)."""
+        path = self._dir("registries") / content_key(str(registry))
+        if path.is_file():
+            return
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        _write_durably(tmp, f"{registry}\n")
+        os.replace(tmp, path)
+
+    def forget(self, registry: Path) -> bool:
+        """Drop a registry from the list (it was deleted on purpose); True when it was listed."""
+        path = self.root / "registries" / content_key(str(registry))
+        if not path.is_file():
+            return False
+        path.unlink()
+        return True
+
+    @contextlib.contextmanager
+    def applying(self) -> Iterator[None]:
+        """Held (shared) for a whole apply: gc waits for no apply, it refuses while one runs."""
+        with open(self._dir("locks") / "gc.lock", "a+") as handle:
+            fcntl.flock(handle, fcntl.LOCK_SH)
+            yield
+
+    @contextlib.contextmanager
+    def collecting(self) -> Iterator[None]:
+        """Held (exclusive) by gc; StoreBusy at once when an apply is in progress."""
+        with open(self._dir("locks") / "gc.lock", "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise StoreBusy(f"an apply is in progress on the store {self.root}; gc deletes nothing now",
+                                hint="run `engine gc` again when the apply has ended") from None
+            yield
+
     @contextlib.contextmanager
     def lock(self, key: str) -> Iterator[None]:
         """Hold the build lock for `key`; a second process waits here, then finds the entry."""

@@ -51,14 +51,14 @@ def verify_variant(registry: Registry, store: Store, variant: VariantRecord) -> 
 def verify(ref: str | None = None, locations: Locations | None = None, *, registry: str | Path | None = None,
            store: str | Path | None = None) -> list[VerifyReport]:
     """Verify one variant (NAME or NAME@V) or every version of every variant in the registry."""
-    from .errors import VariantNotFound
+    from .errors import RegistryNotFound
     from .paths import resolve
 
     locations = locations or resolve(registry, store)
     if not locations.registry.exists():
-        raise VariantNotFound(f"no registry at {locations.registry}",
+        raise RegistryNotFound(f"no registry at {locations.registry}",
                               hint="run `engine apply RECIPE.yaml` first, or pass --registry / set ENGINE_REGISTRY")
-    opened = Registry(locations.registry)
+    opened = Registry(locations.registry, readonly=True)
     try:
         entries = Store(locations.store)
         variants = [opened.get(ref)] if ref else opened.variants(all_versions=True)

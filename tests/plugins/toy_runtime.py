@@ -8,7 +8,9 @@ generate/stream code written once in engine.runtime.Model.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,7 @@ class ToyRuntime(Runtime):
 
         progress("toy: quantizing")
         tensors = load_file(str(source_dir / "model.safetensors"))
+        _pause_here()
         packed, rows = {}, 0
         for name, weight in sorted(tensors.items()):
             scale = np.abs(weight).max(axis=-1, keepdims=True) / 127
@@ -69,3 +72,15 @@ class ToyModel(Model):
         token = self.repeat if self.repeat is not None else ids[-1]
         for _ in range(sampling.max_new_tokens):
             yield token
+
+
+def _pause_here() -> None:
+    """Tests stop a build midway: with TOY_PAUSE=<file>, write <file>.started, then wait (60 s at
+    most) until <file> exists, so a test can act while the build runs (after the source was read)."""
+    gate = os.environ.get("TOY_PAUSE")
+    if not gate:
+        return
+    open(gate + ".started", "w").close()
+    deadline = time.monotonic() + 60
+    while not os.path.exists(gate) and time.monotonic() < deadline:
+        time.sleep(0.02)
