@@ -11,8 +11,9 @@ import hashlib
 import json
 import os
 import sqlite3
+import stat
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -167,15 +168,20 @@ def tree_manifest(
     root: str | os.PathLike[str],
     cache: StatCache | None = None,
     ignore: Iterable[str] = DEFAULT_IGNORE,
+    *,
+    confined_to: Sequence[str | os.PathLike[str]] | None = None,
 ) -> list[dict[str, Any]]:
     """[{path, size, sha256}] for every regular file under ``root``, sorted by posix path.
 
     Symlinks are followed (hub snapshots are symlinks to blobs); names matching ``ignore``
     (dot-files and dot-folders such as .git/.cache, ``*.incomplete`` downloads) are skipped, and so
-    are broken links. Directory symlink loops are visited once.
+    are broken links. Directory symlink loops are visited once. With ``confined_to`` (a source
+    folder), a link must lead inside one of those folders and every file must be a regular one:
+    otherwise SourceRefused, before anything is read (a link to /proc would block, to /usr hash GBs).
     """
     root_path = Path(root)
     patterns = tuple(ignore)
+    allowed = None if confined_to is None else [os.path.realpath(p) for p in confined_to]
     entries: list[dict[str, Any]] = []
     seen_dirs: set[str] = set()
     for dirpath, dirnames, filenames in os.walk(root_path, followlinks=True):
@@ -185,10 +191,15 @@ def tree_manifest(
             continue
         seen_dirs.add(real_dir)
         dirnames[:] = sorted(d for d in dirnames if not _ignored(d, patterns))
+        if allowed is not None:
+            for name in dirnames:
+                _check_confined(os.path.join(dirpath, name), allowed)
         for name in filenames:
             if _ignored(name, patterns):
                 continue
             full = os.path.join(dirpath, name)
+            if allowed is not None:
+                _check_confined(full, allowed)
             if not os.path.isfile(full):  # broken link, fifo, socket, ...
                 continue
             sha = cache.hash(full) if cache is not None else sha256_file(full)
@@ -196,6 +207,25 @@ def tree_manifest(
             entries.append({"path": rel, "size": os.stat(full).st_size, "sha256": sha})
     entries.sort(key=lambda entry: entry["path"])
     return entries
+
+
+def _check_confined(path: str, allowed: list[str]) -> None:
+    """A link must lead inside an allowed folder; a file must be regular (a fifo or device blocks)."""
+    from .errors import SourceRefused
+
+    hint = "copy what it points to into the folder, or point source.path at the folder that holds it"
+    if os.path.islink(path):
+        target = os.path.realpath(path)
+        if not any(target == a or target.startswith(a.rstrip(os.sep) + os.sep) for a in allowed):
+            raise SourceRefused(f"{path} is a link that leads outside the source folder (to {target}); a source "
+                                "folder may hold regular files and links that stay inside it", hint=hint)
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return  # a broken link: skipped like before
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise SourceRefused(f"{path} is not a regular file (a fifo, socket or device); a source folder may hold "
+                            "regular files and links that stay inside it", hint="remove it from the folder")
 
 
 def tree_digest(manifest: list[dict[str, Any]]) -> str:

@@ -228,7 +228,9 @@ class PathSource(Source):
         return folder
 
     def identity(self, stat_cache: StatCache | None, versions: VersionLookup = installed_version) -> dict:
-        return {"tree_digest": tree_digest(tree_manifest(self._checked_folder(), stat_cache))}
+        folder = self._checked_folder()
+        manifest = tree_manifest(folder, stat_cache, confined_to=_link_roots(folder))
+        return {"tree_digest": tree_digest(manifest)}
 
     def describe(self) -> dict:
         return {"path": str(self.folder)}
@@ -248,6 +250,15 @@ class PathSource(Source):
 
     def materialize(self, ctx: Materialize) -> Path:
         return self._checked_folder()
+
+
+def _link_roots(folder: Path) -> list[Path]:
+    """Where links in a source folder may lead: inside it; for a hub snapshot folder
+    (`.../snapshots/<commit>`), also into its repository's `blobs/`, where hub links point."""
+    roots = [folder]
+    if folder.parent.name == "snapshots" and (folder.parent.parent / "blobs").is_dir():
+        roots.append(folder.parent.parent / "blobs")
+    return roots
 
 
 class SyntheticSource(Source):
