@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from .discovery import get_runtime
 from .evaluation import eval_key, eval_spec, method, reference_key
 from .hashing import content_key
+from .preflight import check_eval_fits, path_too_long
 from .recipe import Recipe
 from .runtime import Runtime
 from .sources import Source, source_from_recipe
@@ -50,7 +51,10 @@ def make_plan(recipe: Recipe, store: Store, *, versions: VersionLookup = install
     data, base_dir = recipe.data, recipe.base_dir()
     stat_cache = store.stat_cache()  # one connection for the source digest and the eval data hash
     source = source_from_recipe(data["source"], base_dir)
-    identity = source.identity(stat_cache, versions)
+    try:
+        identity = source.identity(stat_cache, versions)
+    except OSError as error:
+        raise (path_too_long(recipe, error) or error) from error
     source_key = content_key({"step": "source", "v": SOURCE_STEP_VERSION, "identity": identity})
     described = source.describe()
     record = {"kind": source.kind, "key": source_key, "identity": identity, "description": described}
@@ -71,6 +75,7 @@ def make_plan(recipe: Recipe, store: Store, *, versions: VersionLookup = install
                  f"{runtime.name} {params.get('precision') or ''}".strip(), inputs=params),
     ]
     spec = eval_spec(data, base_dir, stat_cache.hash)
+    check_eval_fits(recipe, source, spec)
     if spec:
         steps += _eval_steps(spec, source_key, build_key, library, store, versions)
     return Plan(recipe, runtime, source, record, steps, spec)

@@ -73,12 +73,25 @@ def parse_recipes(text: str, filename: str = "<string>", path: Path | None = Non
             recipes.append(Recipe(resolved, text, doc, where, chosen))
     if issues:
         raise RecipeInvalid(sorted(issues, key=lambda i: (i.line, i.col, i.path)))
+    if not recipes:
+        raise _all_skipped(skipped, positions, filename)
     names = [r.name for r in recipes]
     if len(set(names)) != len(names):
         raise RecipeInvalid([RecipeIssue(filename, *positions.get(("name",), (0, 0)), "name",
                                          "the matrix gives two combinations the same name",
                                          "put a placeholder for every swept key in name")])
     return recipes, skipped
+
+
+def _all_skipped(skipped: list["Skipped"], positions: dict, filename: str) -> RecipeInvalid:
+    """A sweep that would do nothing is a mistake to say, not a success (exit 3)."""
+    from engine.errors import SweepEmpty
+
+    line, col = positions.get(("matrix",), (0, 0))
+    reasons = "\n".join(f"skipped {s.name}: {s.reason}" for s in skipped)
+    return SweepEmpty([RecipeIssue(filename, line, col, "matrix",
+                                   "every combination of the sweep is skipped; nothing to apply\n" + reasons,
+                                   "sweep values the runtime supports (`engine schema --runtime NAME` lists them)")])
 
 
 def load_recipes(path: str | Path) -> tuple[list[Recipe], list["Skipped"]]:

@@ -186,6 +186,8 @@ def _type_hint(expected: Any, instance: Any) -> str | None:
             float(instance)
         except ValueError:
             return None
+        if "e" in instance.lower() and "." not in instance:  # YAML 1.1 reads 1e3 as text, quoted or not
+            return f"YAML reads {instance} as text: write the number in digits (or as 1.0e+3 style)"
         return f"remove the quotes: write {instance}, not \"{instance}\""
     if "string" in names and isinstance(instance, (int, float, bool)):
         return "put the value in quotes to make it a string"
