@@ -68,19 +68,13 @@ class Registry:
         return conn
 
     def _connect_readonly(self) -> sqlite3.Connection:
-        """mode=ro; where even that cannot open (no -shm can be made beside it), immutable=1: nobody
-        can be writing a file in a folder no one may write."""
-        uri = f"file:{quote(str(self.path.absolute()))}"
-        for options in ("?mode=ro", "?mode=ro&immutable=1"):
-            conn = sqlite3.connect(uri + options, uri=True, timeout=30)
-            try:
-                conn.execute("select count(*) from variants").fetchone()
-                return conn
-            except sqlite3.OperationalError as error:
-                conn.close()
-                if "unable to open" not in str(error):
-                    raise
-        raise sqlite3.OperationalError("unable to open database file")
+        """mode=ro; where even that cannot open (a WAL file needs its -shm made beside it, and the
+        folder is read-only or full), immutable=1: then no one can be writing it either."""
+        uri = f"file:{quote(str(self.path.absolute()))}?mode=ro"
+        try:
+            return _probed(sqlite3.connect(uri, uri=True, timeout=30))
+        except sqlite3.OperationalError:
+            return _probed(sqlite3.connect(uri + "&immutable=1", uri=True, timeout=30))
 
     @contextlib.contextmanager
     def errors(self) -> Iterator[None]:
@@ -303,6 +297,16 @@ class Registry:
             "delete from files where artifact_key not in (select artifact_key from variants)")
         self.conn.execute(
             "delete from artifacts where key not in (select artifact_key from variants)")
+
+
+def _probed(conn: sqlite3.Connection) -> sqlite3.Connection:
+    """The connection, once a read of the variants table worked (closed if it did not)."""
+    try:
+        conn.execute("select count(*) from variants").fetchone()
+    except sqlite3.Error:
+        conn.close()
+        raise
+    return conn
 
 
 class _exclusive:
