@@ -52,8 +52,9 @@ def test_the_limit_can_be_raised(tmp_path):
     engine("validate", recipe, cwd=tmp_path, check=0, env={"ENGINE_MAX_COMBINATIONS": "3"})
 
 
-def test_a_sweep_without_a_name(tmp_path):
-    recipe = _write(tmp_path, BASE + "matrix:\n  quantization.group_size: [16, 32]\n")
+@pytest.mark.parametrize("values", ["[16]", "[16, 32]"])
+def test_a_sweep_without_a_name(tmp_path, values):
+    recipe = _write(tmp_path, BASE + f"matrix:\n  quantization.group_size: {values}\n")
     for command in (("validate", recipe), ("apply", "--dry-run", recipe)):
         proc = engine(*command, cwd=tmp_path, check=3)
         assert "r.yaml:" in proc.stderr and "name" in proc.stderr and "internal error" not in proc.stderr
