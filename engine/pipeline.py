@@ -124,11 +124,7 @@ def _applying(plan: Plan, store: Store, locations: Locations, force: bool) -> It
     """Check before any work that the registry takes a write; then hold the store's apply lock
     (gc refuses meanwhile) and list this registry among the store's users. A read-only store is
     fine when nothing needs writing to it (every step cached)."""
-    registry = Registry(locations.registry)
-    try:
-        registry.check_writable()
-    finally:
-        registry.close()
+    Registry.check_writable_at(locations.registry)
     with contextlib.ExitStack() as held:
         try:
             held.enter_context(store.applying())

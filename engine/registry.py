@@ -9,7 +9,9 @@ records (engine/records.py) whose JSON columns are decoded once, here.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import os
 import re
 import sqlite3
 import time
@@ -84,9 +86,22 @@ class Registry:
         except (sqlite3.DatabaseError, OSError) as error:
             raise registry_error(self.path, error) from error
 
+    @classmethod
+    def check_writable_at(cls, path: Path) -> None:
+        """Fail now, not after a long build, when the registry at `path` cannot take a write. The
+        permissions are read first: SQLite opening a read-only file would leave read-only -wal and
+        -shm files beside it, which keep failing after the file is fixed."""
+        for where in (path, path.parent):
+            if where.exists() and not os.access(where, os.W_OK):
+                raise registry_error(path, PermissionError(errno.EACCES, f"{where} is not writable", str(where)))
+        registry = cls(path)
+        try:
+            registry.check_writable()
+        finally:
+            registry.close()
+
     def check_writable(self) -> None:
-        """Fail now, not after a long build, when the registry cannot take a write: a real write
-        (the header's user_version set to itself) in a transaction that is rolled back."""
+        """A real write (the header's user_version set to itself) in a transaction rolled back."""
         with self.errors():
             version = self.conn.execute("PRAGMA user_version").fetchone()[0]
             self.conn.execute("BEGIN IMMEDIATE")
