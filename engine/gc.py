@@ -45,7 +45,7 @@ def gc(locations: Locations | None = None, *, dry_run: bool = False, registry: s
     entries = Store(locations.store)
     with entries.collecting():
         for path in forget:
-            entries.forget(Path(path).absolute())
+            entries.forget(Path(path).resolve())
         entries.attach(locations.registry.resolve())
         report = GcReport(dry_run, registries=entries.registries())
         keep = set().union(*(_referenced(path, entries) for path in report.registries))

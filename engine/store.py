@@ -10,7 +10,8 @@ Layout (pinned by tests/test_store.py)::
       trash/                          # entries being replaced or removed
       locks/<key>.lock                # one builder per key at a time (flock)
       locks/gc.lock                   # every apply holds it shared, gc exclusive: never both
-      registries/<sha256 of path>     # one line: a registry that uses this store (gc reads them all)
+      registries/<sha256 of path>     # one line: a registry that uses this store (gc reads them all);
+                                      # relative to <root> when it lies beside the store
       state.db                        # stat cache: (path, size, mtime_ns, inode) -> sha256
 
 A build writes into its own staging folder; `commit` hashes the payload, writes the manifest and
@@ -112,22 +113,29 @@ class Store:
         folder = self.root / "registries"
         if not folder.is_dir():
             return []
-        return sorted(Path(p.read_text(encoding="utf-8").strip()) for p in folder.iterdir()
-                      if not p.name.endswith(".tmp"))
+        texts = [p.read_text(encoding="utf-8").strip() for p in folder.iterdir() if not p.name.endswith(".tmp")]
+        return sorted(Path(t) if os.path.isabs(t) else (self.root / t).resolve() for t in texts)
+
+    def _recorded(self, registry: Path) -> str:
+        """How a registry is written in the list: relative to the store when it lies in the folder
+        that holds the store (the default layout), so the two can be moved or copied together."""
+        root, registry = self.root.resolve(), registry.resolve()
+        return os.path.relpath(registry, root) if registry.is_relative_to(root.parent) else str(registry)
 
     # -- writing -------------------------------------------------------------------------------
     def attach(self, registry: Path) -> None:
         """Record that `registry` uses this store (idempotent; written atomically)."""
-        path = self._dir("registries") / content_key(str(registry))
+        recorded = self._recorded(registry)
+        path = self._dir("registries") / content_key(recorded)
         if path.is_file():
             return
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        _write_durably(tmp, f"{registry}\n")
+        _write_durably(tmp, f"{recorded}\n")
         os.replace(tmp, path)
 
     def forget(self, registry: Path) -> bool:
         """Drop a registry from the list (it was deleted on purpose); True when it was listed."""
-        path = self.root / "registries" / content_key(str(registry))
+        path = self.root / "registries" / content_key(self._recorded(registry))
         if not path.is_file():
             return False
         path.unlink()

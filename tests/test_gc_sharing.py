@@ -94,3 +94,20 @@ def test_gc_never_touches_an_apply_in_progress(tmp_path: Path):
     assert applying.returncode == 0, err
     assert run(tmp_path, env, "verify").returncode == 0
     assert "up to date" in run(tmp_path, env, "apply", "one.yaml").stdout
+
+
+def test_a_project_folder_moved_whole_still_collects(tmp_path: Path):
+    """registry.db beside its .engine/ store is recorded relative to the store: moving the pair
+    neither makes gc refuse (the old path is gone) nor keeps entries for the old place."""
+    env = toy_env(tmp_path)
+    project = tmp_path / "project"
+    project.mkdir()
+    make_model(project / "model")
+    write_recipe(project / "one.yaml", "one")
+    assert run(project, env, "apply", "one.yaml").returncode == 0
+    moved = tmp_path / "moved"
+    project.rename(moved)
+    assert run(moved, env, "rm", "one").returncode == 0
+    proc = run(moved, env, "gc")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("deleted") == 1
