@@ -39,10 +39,11 @@ def gc(locations: Locations | None = None, *, dry_run: bool = False, registry: s
        store: str | Path | None = None, forget: Iterable[str | Path] = ()) -> GcReport:
     """Delete (or, with dry_run, list) the store entries no registry sharing the store references."""
     locations = locations or resolve(registry, store)
+    entries = Store(locations.store)
     if not locations.registry.is_file():
+        entries.check_idle()  # a first apply in progress has no registry file yet: say that instead
         raise RegistryNotFound(f"no registry at {locations.registry}; gc deletes nothing",
                                hint="pass the registry that uses this store (--registry / ENGINE_REGISTRY)")
-    entries = Store(locations.store)
     with entries.collecting():
         for path in forget:
             entries.forget(Path(path).resolve())

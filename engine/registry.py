@@ -91,9 +91,12 @@ class Registry:
         """Fail now, not after a long build, when the registry at `path` cannot take a write. The
         permissions are read first: SQLite opening a read-only file would leave read-only -wal and
         -shm files beside it, which keep failing after the file is fixed."""
-        for where in (path, path.parent):
-            if where.exists() and not os.access(where, os.W_OK):
+        existing = path if path.exists() else next(p for p in path.parents if p.exists())
+        for where in {existing, existing.parent if existing == path else existing}:
+            if not os.access(where, os.W_OK):
                 raise registry_error(path, PermissionError(errno.EACCES, f"{where} is not writable", str(where)))
+        if not path.exists():
+            return  # a new registry is made by the first registration; a crash before it leaves no file
         registry = cls(path)
         try:
             registry.check_writable()

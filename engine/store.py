@@ -159,6 +159,12 @@ class Store:
                                 hint="run `engine gc` again when the apply has ended") from None
             yield
 
+    def check_idle(self) -> None:
+        """StoreBusy when an apply holds the store; creates nothing (the store may not exist)."""
+        if (self.root / "locks" / "gc.lock").is_file():
+            with self.collecting():
+                pass
+
     @contextlib.contextmanager
     def lock(self, key: str) -> Iterator[None]:
         """Hold the build lock for `key`; a second process waits here, then finds the entry."""
