@@ -12,14 +12,7 @@ import sys
 import click
 
 from . import __version__
-from .errors import (
-    EXIT_INTERNAL,
-    EXIT_INVALID_RECIPE,
-    EXIT_VERIFY_FAILED,
-    EngineError,
-    RecipeInvalid,
-    VariantNotFound,
-)
+from .errors import EXIT_INTERNAL, EXIT_INVALID_RECIPE, EXIT_VERIFY_FAILED, EngineError, RecipeInvalid, VariantNotFound
 from .paths import Locations, resolve
 
 

@@ -7,7 +7,6 @@ only read (each build is a child process that pays ~10 s of imports).
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -15,7 +14,7 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
-from clirun import engine
+from clirun import engine, private_copy
 
 try:
     metadata.version("neural-compressor-pt")
@@ -102,9 +101,8 @@ def built(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def work(built, tmp_path) -> Path:
-    target = tmp_path / "w"
-    shutil.copytree(built, target)
-    return target
+    """A private copy of the module's folder, for tests that change or damage it."""
+    return private_copy(built, tmp_path)
 
 
 def test_every_variant_reloads_identically_and_generates_in_a_fresh_process(built):
