@@ -1,4 +1,5 @@
-"""Free the store entries that no registered variant references."""
+"""Free the store entries that no registered variant references (engine.gc; the module is not named gc so
+it never shadows that function on the package)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
