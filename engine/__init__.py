@@ -19,7 +19,7 @@ __all__ = ["load", "apply", "verify", "gc", "load_recipe", "load_recipes", "make
 
 if TYPE_CHECKING:
     from .errors import EngineError
-    from .gc import gc
+    from .collect import gc
     from .loader import load
     from .pipeline import apply
     from .plan import make_plan
@@ -27,13 +27,13 @@ if TYPE_CHECKING:
     from .registry import Registry
     from .runtime import Model, Runtime
     from .store import Store
-    from .verify import verify
+    from .verification import verify
 
 _LAZY = {
     "load": ("loader", "load"),
     "apply": ("pipeline", "apply"),
-    "verify": ("verify", "verify"),
-    "gc": ("gc", "gc"),
+    "verify": ("verification", "verify"),
+    "gc": ("collect", "gc"),
     "load_recipe": ("recipe", "load_recipe"),
     "load_recipes": ("recipe", "load_recipes"),
     "make_plan": ("plan", "make_plan"),

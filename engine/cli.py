@@ -311,7 +311,7 @@ def report(loc: Locations, patterns: tuple[str, ...], output: str, png: str | No
 @click.pass_obj
 def verify(loc: Locations, ref: str | None) -> None:
     """Re-hash artifact files against the registry; exit 4 naming what is missing or changed."""
-    from .verify import verify as verify_all
+    from .verification import verify as verify_all
 
     reports = verify_all(ref, loc)
     failed = [r for r in reports if not r.ok]
@@ -343,7 +343,7 @@ def rm(loc: Locations, ref: str) -> None:
 @click.pass_obj
 def gc(loc: Locations, dry_run: bool, forget: tuple[str, ...]) -> None:
     """Delete store entries that no registry sharing the store references (refuses during an apply)."""
-    from .gc import gc as collect
+    from .collect import gc as collect
     from .render import human_size
 
     report = collect(loc, dry_run=dry_run, forget=forget)

@@ -11,7 +11,7 @@ from .paths import resolve
 from .registry import Registry
 from .runtime import Model
 from .store import Store
-from .verify import verify_variant
+from .verification import verify_variant
 
 
 def load(ref: str, *, verify: bool = False, registry: str | Path | None = None,

@@ -23,13 +23,7 @@ from typing import Any
 
 from .errors import EngineError
 from .records import VariantRecord
-from .textgen import (
-    GeneratedText,
-    cut_at_stop,
-    find_chat_template,
-    render_chat,
-    stream_text,
-)
+from .textgen import GeneratedText, cut_at_stop, find_chat_template, render_chat, stream_text
 
 Progress = Callable[[str], None]
 

@@ -11,13 +11,14 @@ mistake that only the model reveals. The child side imports nothing heavy.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +30,29 @@ EXIT_JOB_ERROR = 3
 JOB_FILE, RESULT_FILE = "job.json", "result.json"
 
 
+#: signals held while forking the child (see _held)
+_HELD = {signal.SIGINT, signal.SIGTERM}
+
+
 def _die_with_parent() -> None:
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _HELD)  # the child starts with the signals the parent held
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     except OSError:  # not Linux: the child may outlive us, staging is still never trusted
         pass
+
+
+@contextlib.contextmanager
+def _held() -> Iterator[None]:
+    """Hold Ctrl-C / SIGTERM while the child is forked: a KeyboardInterrupt raised inside the fork
+    handlers (logging's at-fork lock release) is printed as "ignored" and lost, and the build would
+    run on. Held, the signal arrives right after, where the caller kills the child."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def run_logged(
@@ -51,15 +69,18 @@ def run_logged(
     with open(log_path, "ab") as log:
         log.write(("$ " + " ".join(cmd) + "\n").encode())
         log.flush()
-        proc = subprocess.Popen(
-            list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=full_env,
-            cwd=cwd, preexec_fn=_die_with_parent,
-        )
+        proc = None
         try:
+            with _held():
+                proc = subprocess.Popen(
+                    list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=full_env,
+                    cwd=cwd, preexec_fn=_die_with_parent,
+                )
             _pump(proc, log, on_line)
         except BaseException:  # Ctrl-C or an error on our side: the child must not outlive the step
-            proc.kill()
-            proc.wait()
+            if proc is not None:
+                proc.kill()
+                proc.wait()
             raise
         code = proc.wait()
     if code != 0:

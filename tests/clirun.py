@@ -14,3 +14,13 @@ def engine(*args: str, cwd: Path, check: int | None = 0, env: dict | None = None
     if check is not None:
         assert proc.returncode == check, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     return proc
+
+
+def private_copy(folder: Path, tmp_path: Path) -> Path:
+    """A copy of a module-scoped work folder (registry, store, recipes) for a test that changes it,
+    so module fixtures stay as they were built."""
+    import shutil
+
+    target = tmp_path / "own"
+    shutil.copytree(folder, target)
+    return target

@@ -3,7 +3,6 @@ ONNX Runtime GenAI builder on a tiny synthetic model. Builds are shared where te
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from clirun import engine
+from clirun import engine, private_copy
 
 pytest.importorskip("onnxruntime_genai", reason="the onnxruntime-genai runtime is not installed (engine[ortgenai])")
 
@@ -60,10 +59,8 @@ def built(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def work(built, tmp_path) -> Path:
-    """A private copy of the built folder, for tests that change or damage it."""
-    target = tmp_path / "w"
-    shutil.copytree(built, target)
-    return target
+    """A private copy of the module's folder, for tests that change or damage it."""
+    return private_copy(built, tmp_path)
 
 
 def test_second_apply_rebuilds_nothing_and_imports_nothing_heavy(built):

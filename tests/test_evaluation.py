@@ -7,11 +7,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 from pathlib import Path
 
 import pytest
-from clirun import engine
+from clirun import engine, private_copy
 from runtimes_present import ready_runtimes
 
 pytest.importorskip("onnxruntime_genai", reason="the onnxruntime-genai runtime is not installed")
@@ -75,10 +74,8 @@ def test_int8_is_closer_to_the_source_than_int4(swept):
 
 @pytest.fixture
 def own(swept, tmp_path) -> Path:
-    """A private copy of the swept folder, for tests that change it (the module's stays as built)."""
-    target = tmp_path / "own"
-    shutil.copytree(swept, target)
-    return target
+    """A private copy of the module's folder, for tests that change or damage it."""
+    return private_copy(swept, tmp_path)
 
 
 def test_reapply_is_a_no_op_and_window_change_rescores_without_rebuilding(own):

@@ -10,11 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from runtimes_present import unavailable
 
 import engine
 from engine.discovery import get_runtime, runtime_names
 from engine.errors import EngineError
-from runtimes_present import unavailable
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT.parent / "shared" / "data" / "models" / "wt2-phi3-7m"

@@ -85,3 +85,32 @@ def test_without_the_plugin_the_runtime_is_unknown(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 3 and "target.runtime: 'toy' is not one of" in proc.stderr
     assert "onnxruntime-genai" in proc.stderr
+
+
+def test_library_applies_a_sweep_verifies_and_collects(work):
+    """engine.apply() takes a sweep (results per variant, skip reasons); verify and gc are library calls."""
+    folder, env = work
+    (folder / "sweep.yaml").write_text("name: toy-{weight_dtype}-g{group_size}\nsource: {path: model}\n"
+                                       "target: {runtime: toy}\nmatrix:\n  quantization.weight_dtype: [int8, nf4]\n"
+                                       "  quantization.group_size: [-1, 32]\n")
+    code = """
+import json, engine
+result = engine.apply("sweep.yaml")
+print(json.dumps({"built": sorted(r.variant.ref for r in result.results), "failed": [o.name for o in result.failed],
+                  "skipped": sorted(s.name for s in result.skipped), "reasons": [s.reason for s in result.skipped]}))
+reports = engine.verify()
+print(json.dumps([r.variant for r in reports if r.ok]))
+engine.Registry("registry.db").remove("toy-int8-g32")
+print(json.dumps([f.size > 0 for f in engine.gc(dry_run=True).entries]))
+print(len(engine.gc().entries), len(engine.gc(dry_run=True).entries))
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=folder, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    applied, verified, collectable, collected = out.stdout.splitlines()
+    applied = json.loads(applied)
+    assert applied["built"] == ["toy-int8-g-1@1", "toy-int8-g32@1"] and applied["failed"] == []
+    assert applied["skipped"] == ["toy-nf4-g-1", "toy-nf4-g32"]
+    assert all("not supported by runtime 'toy'" in r for r in applied["reasons"])
+    assert json.loads(verified) == ["toy-int8-g-1@1", "toy-int8-g32@1"]
+    assert json.loads(collectable) == [True]  # the removed variant's artifact (the path source is no entry)
+    assert collected == "1 0"

@@ -7,7 +7,6 @@ only read (each build is a child process that pays ~10 s of imports).
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -15,7 +14,7 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
-from clirun import engine
+from clirun import engine, private_copy
 
 try:
     metadata.version("neural-compressor-pt")
@@ -102,9 +101,8 @@ def built(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def work(built, tmp_path) -> Path:
-    target = tmp_path / "w"
-    shutil.copytree(built, target)
-    return target
+    """A private copy of the module's folder, for tests that change or damage it."""
+    return private_copy(built, tmp_path)
 
 
 def test_every_variant_reloads_identically_and_generates_in_a_fresh_process(built):
@@ -277,15 +275,17 @@ def test_mapping_table():
 
 
 def test_example_recipes_validate():
+    from engine.discovery import get_runtime
     from engine.recipe import load_recipe
-    from engine.runtimes import get_runtime
+    from engine.sources import source_from_recipe
 
     runtime = get_runtime("itrex")
     recipes = sorted((ROOT / "recipes").glob("*itrex*.yaml"))
     algorithms = set()
     for path in recipes:
         recipe = load_recipe(path)
-        params = runtime.build_params(recipe.data, recipe.base_dir())  # resolves the calibration file too
+        source = source_from_recipe(recipe.data["source"], recipe.base_dir())
+        params = runtime.build_params(recipe.data, recipe.base_dir(), source)  # resolves the calibration file too
         assert recipe.runtime == "itrex" and params["inc"]["quant_lm_head"] is False
         if path.name.startswith("phi35-"):
             algorithms.add(recipe.data["quantization"]["algorithm"])

@@ -8,12 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from hubcache import write_snapshot
 
 from engine.errors import SourceUnavailable
 from engine.hashing import StatCache
 from engine.sources import HubSource, Materialize, source_from_recipe
-from hubcache import write_snapshot
-
 
 
 def source_identity(spec: dict, base: Path, stat_cache, cache_dir: Path | None = None) -> dict:

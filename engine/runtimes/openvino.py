@@ -19,13 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..calibration import calibration_key, load_texts
-from ..errors import (
-    BuildFailed,
-    EngineError,
-    RecipeInvalid,
-    RecipeIssue,
-    RuntimeUnavailable,
-)
+from ..errors import BuildFailed, EngineError, RecipeInvalid, RecipeIssue, RuntimeUnavailable
 from ..recipe.schemas import load_schema
 from ..runtime import Model, Progress, Runtime
 from ..subproc import run_job

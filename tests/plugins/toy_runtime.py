@@ -29,7 +29,8 @@ class ToyRuntime(Runtime):
 
     def build_params(self, recipe: dict, base_dir: Path, source: Any) -> dict:
         config = source.config() or {}
-        return {"precision": "int8", "per_row": True, "model_type": config.get("model_type")}
+        return {"precision": "int8", "per_row": True, "model_type": config.get("model_type"),
+                "group_size": recipe["quantization"]["group_size"]}
 
     def build(self, source_dir: Path, out_dir: Path, params: dict, logs_dir: Path, progress: Progress) -> dict:
         import numpy as np

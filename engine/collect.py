@@ -1,4 +1,5 @@
-"""Free the store entries that no registered variant references.
+"""Free the store entries that no registered variant references (engine.gc; the module is not named gc so
+it never shadows that function on the package).
 
 A store may be shared by several registries (`ENGINE_STORE`), so "unused" means unused by every
 registry the store lists under `registries/` (each apply and gc adds its own). gc refuses rather
