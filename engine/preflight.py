@@ -45,7 +45,8 @@ def check_eval_fits(recipe: Recipe, source: Source, spec: dict | None) -> None:
     if speed and speed["prompt_tokens"] + speed["new_tokens"] > context:
         total = speed["prompt_tokens"] + speed["new_tokens"]
         issues.append(issue(recipe, ("eval", "speed"),
-                            f"prompt_tokens + new_tokens = {total} tokens exceed the model's context of {context} tokens",
+                            f"prompt_tokens + new_tokens = {total} tokens exceed the model's context "
+                            f"of {context} tokens",
                             f"keep prompt_tokens + new_tokens at {context} or less"))
     if issues:
         raise RecipeInvalid(issues)

@@ -61,7 +61,8 @@ def test_a_sweep_without_a_name(tmp_path, values):
 
 
 def test_a_sweep_whose_every_combination_is_skipped(tmp_path):
-    recipe = _write(tmp_path, "name: x-{weight_dtype}\n" + BASE + "matrix:\n  quantization.weight_dtype: [nf4, fp4_e2m1]\n")
+    recipe = _write(tmp_path, "name: x-{weight_dtype}\n" + BASE
+                    + "matrix:\n  quantization.weight_dtype: [nf4, fp4_e2m1]\n")
     for command in (("validate", recipe), ("apply", recipe)):
         proc = engine(*command, cwd=tmp_path, check=3)
         assert "every combination of the sweep is skipped" in proc.stderr
