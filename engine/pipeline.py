@@ -117,16 +117,19 @@ def apply_recipe(recipe: Recipe, locations: Locations, *, force: bool = False, d
     return ApplyResult(plan, variant, created, ran, time.perf_counter() - started)
 
 
-def _materialize(plan: Plan, store: Store, ran: list[StepRecord], progress: Progress) -> Path:
-    """A local folder with the source model (a built source is itself a cached step)."""
-    step = plan.steps[0]
+def _materialize(plan: Plan, store: Store, ran: list[StepRecord], progress: Progress,
+                 source=None, step=None) -> Path:
+    """A local folder with the source model (a built source is itself a cached step); `source` and
+    `step` name another source (the evaluation's reference)."""
+    step = step or plan.steps[0]
+    source = source or plan.source_type
 
     def cached(work: Callable[[Path], dict]) -> Path:
         return run_step(store, step, lambda stage: work(stage.files_dir), ran, progress,
                         message=f"making the source: {step.detail}").files_dir
 
     ctx = Materialize(store.root / "tmp", list(plan.runtime.source_patterns), store.stat_cache(), cached)
-    return plan.source_type.materialize(ctx)
+    return source.materialize(ctx)
 
 
 def _build(plan: Plan, store: Store, ran: list[StepRecord], progress: Progress, force: bool) -> Entry:
@@ -155,8 +158,8 @@ def _evaluate(plan: Plan, store: Store, artifact: Entry, ran: list[StepRecord], 
     ref_entry = None
     if ref_step:
         ref_entry = run_step(store, ref_step, lambda stage: compute_reference(
-            _materialize(plan, store, ran, progress), plan.spec, stage.files_dir, lambda m: progress(m, True)),
-            ran, progress)
+            _materialize(plan, store, ran, progress, plan.reference_source, plan.reference_step), plan.spec,
+            stage.files_dir, lambda m: progress(m, True)), ran, progress)
     info = VariantRecord(plan.recipe.name, 0, plan.runtime.name, recipe=plan.recipe.data,
                          artifact_dir=str(artifact.files_dir))
 
