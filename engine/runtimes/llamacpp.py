@@ -154,6 +154,14 @@ class LlamaCppRuntime(Runtime):
         return issues
 
     # -- building ---------------------------------------------------------------------------------
+    def check_available(self, recipe: dict) -> None:
+        """Building from a checkpoint needs llama.cpp's converter and tools (`make install`)."""
+        from ..sources import GgufSource
+        from .llamacpp_tools import find
+
+        if not GgufSource.accepts(recipe.get("source", {})):
+            find()
+
     def build(self, source_dir: Path, out_dir: Path, params: dict, logs_dir: Path, progress: Progress) -> dict:
         from .llamacpp_tools import find
 

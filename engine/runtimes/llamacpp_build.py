@@ -32,9 +32,11 @@ KNOWN_FAILURES = (
     (r"(?:Model|Architecture) ([\w.-]+) is not supported",
      "llama.cpp's converter does not support the architecture {0}",
      "see the architectures convert_hf_to_gguf.py lists (`--print-supported-models`), or register a ready-made .gguf"),
-    (r"FileNotFoundError: .*?'?([\w./-]*tokenizer\.model)'?",
-     "llama.cpp's converter needs a SentencePiece {0} for this architecture, and the checkpoint has none",
-     "llama.cpp reads this family's tokenizer from tokenizer.model; add it, or register a ready-made .gguf"),
+    (r"Missing (\S*tokenizer\.model)",
+     "llama.cpp's converter does not recognize this model's tokenizer: for this architecture it reads a "
+     "SentencePiece tokenizer.model, and the checkpoint has none ({0})",
+     "llama.cpp converts this family only with its SentencePiece tokenizer.model; convert the model with a tool "
+     "that knows its tokenizer and register the .gguf as a source (`source: {path: model.gguf}`)"),
     (r"unknown model architecture: '([^']+)'",
      "llama.cpp does not know the architecture '{0}'",
      "a newer llama-cpp-python may; or use another runtime"),
