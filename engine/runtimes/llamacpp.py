@@ -105,7 +105,9 @@ class LlamaCppRuntime(Runtime):
         quant, options = recipe["quantization"], recipe["target"].get("options", {})
         ftype = ftype_of(recipe)
         params: dict[str, Any] = {"precision": ftype, "ftype": ftype,
-                                  "intermediate": _intermediate(options, source.config())}
+                                  "intermediate": _intermediate(options, source.config()),
+                                  "_mapping": (f"target.options.ftype {ftype}" if options.get("ftype") else
+                                               f"weight_dtype {quant['weight_dtype']} -> {ftype}")}
         if ftype not in FLOAT_FTYPES:
             skip_type = options.get("skip_type", "F16")
             params["keep"] = {m: {"pattern": module_tensor_pattern(m), "type": skip_type}
@@ -173,7 +175,7 @@ class LlamaCppRuntime(Runtime):
             job["calibration_texts"] = load_texts(params["_calibration"], Path(params["_base_dir"]))
         result = run_job("engine.runtimes.llamacpp_build", job, logs_dir, on_line=progress,
                          env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}, what="llama.cpp build")
-        return {**result, "toolkit": kit.info}
+        return {**result, "toolkit": kit.info, **({"weight_dtype_mapping": params["_mapping"]} if "_mapping" in params else {})}
 
     def show_sections(self, meta: dict) -> list[Section]:
         sections = []

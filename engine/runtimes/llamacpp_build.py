@@ -78,7 +78,7 @@ def _probe(path: Path) -> dict[str, Any]:
         llm = Llama(model_path={str(path)!r}, n_ctx=64, verbose=True)
         ids = llm.tokenize(b"Hello", add_bos=True)
         llm.eval(ids)
-        print("PROBE " + json.dumps({{"n_vocab": llm.n_vocab(), "n_ctx_train": llm.n_ctx_train(), "ids": len(ids)}}))
+        print("PROBE " + json.dumps({{"n_vocab": llm.n_vocab(), "prompt_ids": len(ids)}}))
     """)
     output = _run([sys.executable, "-c", code], "loading the GGUF with llama-cpp-python")
     import json

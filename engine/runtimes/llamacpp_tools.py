@@ -35,6 +35,9 @@ HOME_ENV = "ENGINE_LLAMACPP_HOME"
 TOOLS = ("llama-imatrix", "llama-quantize")
 #: what is copied out of the sdist's vendor/llama.cpp (the converter and the gguf-py it imports)
 CONVERTER_PARTS = ("convert_hf_to_gguf.py", "conversion", "gguf-py", "LICENSE")
+CMAKE_OPTIONS = ("-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_EXAMPLES=OFF",
+                 "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_CURL=OFF",
+                 "-DLLAMA_OPENSSL=OFF", "-DBUILD_SHARED_LIBS=OFF")
 INSTALL_HINT = "run `make install`, or `python -m engine.runtimes.llamacpp_tools install` (builds llama.cpp's tools, a few minutes)"
 
 
@@ -111,36 +114,41 @@ def install(version: str | None = None, sdist: Path | None = None, jobs: int | N
         with tarfile.open(sdist) as tar:
             tar.extractall(work / "src", filter="data")
         vendor = next((work / "src").glob("*/vendor/llama.cpp"))
-        stage = work / "toolkit"
-        stage.mkdir()
-        for part in CONVERTER_PARTS:
-            src = vendor / part
-            if src.is_dir():
-                shutil.copytree(src, stage / part)
-            elif src.is_file():
-                shutil.copy2(src, stage / part)
         build = work / "build"
         jobs = jobs or os.cpu_count() or 2
         log(f"building {', '.join(TOOLS)} with cmake ({jobs} jobs; a few minutes)")
         started = time.time()
-        subprocess.run(["cmake", "-S", str(vendor), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
-                        "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_TESTS=OFF",
-                        "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_CURL=OFF",
-                        "-DLLAMA_OPENSSL=OFF", "-DBUILD_SHARED_LIBS=OFF"], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(["cmake", "-S", str(vendor), "-B", str(build), *CMAKE_OPTIONS], check=True,
+                       stdout=subprocess.DEVNULL)
         subprocess.run(["cmake", "--build", str(build), "--target", *TOOLS, "-j", str(jobs)], check=True,
                        stdout=subprocess.DEVNULL)
-        (stage / "bin").mkdir()
-        for tool in TOOLS:
-            shutil.copy2(build / "bin" / tool, stage / "bin" / tool)
-        info = {"llama_cpp_python": version, "sdist": Path(sdist).name, "sdist_sha256": digest,
-                "llama_cpp_build": _build_info(vendor), "tools": list(TOOLS),
-                "build_seconds": round(time.time() - started, 1)}
-        (stage / "toolkit.json").write_text(json.dumps(info, indent=1), encoding="utf-8")
-        if target.exists():  # an incomplete earlier attempt (toolkit.json is written last)
-            shutil.rmtree(target)
-        os.replace(stage, target)
+        publish(vendor, build / "bin", target, {"llama_cpp_python": version, "sdist": Path(sdist).name,
+                                                "sdist_sha256": digest, "build_seconds": round(time.time() - started, 1)})
     log(f"installed {target}")
     return find(version)
+
+
+def publish(vendor: Path, bin_dir: Path, target: Path, info: dict) -> None:
+    """Copy the converter out of `vendor` and the tools out of `bin_dir` into a staging folder beside
+    `target`, then rename it into place (toolkit.json last: a half-made toolkit is never found)."""
+    stage = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
+    try:
+        for part in CONVERTER_PARTS:
+            src = vendor / part
+            if src.is_dir():
+                shutil.copytree(src, stage / part, ignore=shutil.ignore_patterns("__pycache__", "tests"))
+            elif src.is_file():
+                shutil.copy2(src, stage / part)
+        (stage / "bin").mkdir()
+        for tool in TOOLS:
+            shutil.copy2(bin_dir / tool, stage / "bin" / tool)
+        info = {**info, "llama_cpp_build": _build_info(vendor), "tools": list(TOOLS)}
+        (stage / "toolkit.json").write_text(json.dumps(info, indent=1), encoding="utf-8")
+        if target.exists():  # an incomplete earlier attempt
+            shutil.rmtree(target)
+        os.replace(stage, target)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 def _build_info(vendor: Path) -> str:
