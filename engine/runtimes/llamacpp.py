@@ -93,7 +93,8 @@ class LlamaCppRuntime(Runtime):
     example_quantization = {"weight_dtype": "int8"}
     source_formats = ("hf", "gguf")
     step_version = 1
-    hidden_meta = ("tensor_types", "tool_args", "gguf_metadata", "toolkit", "imatrix")
+    hidden_meta = ("tensor_types", "tool_args", "gguf_metadata", "toolkit", "kept", "probe", "built_weight_type",
+                   "weight_dtype_mapping", "imatrix_summary")
 
     def schema_document(self) -> dict:
         return load_schema("runtimes/llama.cpp")

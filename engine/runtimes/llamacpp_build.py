@@ -107,7 +107,7 @@ def _import(job: dict, out_dir: Path) -> dict[str, Any]:
 
 
 def _facts(info: dict) -> dict[str, Any]:
-    return {"ftype": info["ftype"], "architecture": info["architecture"], "tensor_types": info["tensor_types"],
+    return {"ftype": info["ftype"], "built_weight_type": info["ftype"], "architecture": info["architecture"], "tensor_types": info["tensor_types"],
             "n_tensors": info["n_tensors"], "n_params": info["n_params"], "vocab_size": info["vocab_size"],
             "context_length": info["context_length"], "has_chat_template": info["has_chat_template"],
             "gguf_metadata": {"name": info["name"], "file_type_id": info["file_type_id"],
