@@ -57,14 +57,11 @@ LOAD_OPTIONS = {"n_ctx": "context length in tokens (default: the model's, at mos
 
 def module_tensor_pattern(module: str) -> str:
     """A PyTorch module name as a regex over GGUF tensor names (`model.layers.0.mlp.down_proj` ->
-    `^blk\\.0\\.ffn_down\\.`): what llama-quantize's --tensor-type takes."""
+    `^blk\\.0\\.ffn_down\\.`, `lm_head` -> `^output\\.`): what llama-quantize's --tensor-type takes."""
     name = module
     for pattern, repl in MODULE_PIECES:
         name = re.sub(pattern, repl, name)
-    if name == module and module not in ("lm_head",):
-        return "^" + re.escape(module) + r"(\.|$)"
-    tail = "" if name.endswith("_") else r"(\.|$)"
-    return "^" + re.escape(name) + tail
+    return "^" + re.escape(name) + ("" if name.endswith("_") else r"\.")
 
 
 def ftype_of(recipe: dict) -> str:

@@ -47,10 +47,10 @@ KNOWN_FAILURES = (
 )
 
 
-def _run(cmd: list[str], what: str, env: dict | None = None) -> str:
+def _run(cmd: list[str], what: str, cwd: Path | None = None) -> str:
     """Run a tool with its output echoed to ours (the build log); JobError naming a known failure."""
     print("$ " + " ".join(cmd), flush=True)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=cwd)
     assert proc.stdout is not None
     lines = []
     for raw in proc.stdout:
@@ -114,14 +114,14 @@ def _facts(info: dict) -> dict[str, Any]:
                               "quantization_version": info["quantization_version"]}}
 
 
-def _imatrix(kit: Path, model: Path, texts: list[str], seq_len: int, scratch: Path, out_dir: Path) -> str:
-    calib = scratch / "calibration.txt"
-    calib.write_text("\n".join(texts) + "\n", encoding="utf-8")
-    out = out_dir / "imatrix.gguf"
-    _run([str(kit / "bin" / "llama-imatrix"), "-m", str(model), "-f", str(calib), "-o", str(out),
+def _imatrix(kit: Path, model: Path, texts: list[str], seq_len: int, scratch: Path) -> str:
+    """scratch/imatrix.gguf from the texts. Files are named relative to scratch: llama.cpp records the
+    names in the matrix and the quantized file, and the staging folder's path must not enter them."""
+    (scratch / "calibration.txt").write_text("\n".join(texts) + "\n", encoding="utf-8")
+    _run([str(kit / "bin" / "llama-imatrix"), "-m", model.name, "-f", "calibration.txt", "-o", "imatrix.gguf",
           "-c", str(seq_len), "-b", str(seq_len), "--chunks", "-1", "-t", str(os.cpu_count() or 1), "--no-ppl"],
-         "llama-imatrix")
-    if not out.is_file():
+         "llama-imatrix", cwd=scratch)
+    if not (scratch / "imatrix.gguf").is_file():
         raise JobError("llama-imatrix wrote no importance matrix")
     return f"llama-imatrix on {len(texts)} texts, context {seq_len}"
 
@@ -129,9 +129,9 @@ def _imatrix(kit: Path, model: Path, texts: list[str], seq_len: int, scratch: Pa
 def _quantize_args(keep: dict) -> list[str]:
     args = []
     for module, spec in sorted(keep.items()):
-        if spec["pattern"] == "^output":
+        if spec["pattern"] == r"^output\.":
             args += ["--output-tensor-type", spec["type"].lower()]
-        elif spec["pattern"] == "^token_embd":
+        elif spec["pattern"] == r"^token_embd\.":
             args += ["--token-embedding-type", spec["type"].lower()]
         else:
             args += ["--tensor-type", f"{spec['pattern']}={spec['type'].lower()}"]
@@ -179,12 +179,13 @@ def run(job: dict) -> dict[str, Any]:
         quantize = [str(kit / "bin" / "llama-quantize")]
         imatrix_summary = None
         if params.get("imatrix"):
-            imatrix_summary = _imatrix(kit, middle, job["calibration_texts"], params["imatrix"]["seq_len"],
-                                       scratch, out_dir)
-            quantize += ["--imatrix", str(out_dir / "imatrix.gguf")]
+            imatrix_summary = _imatrix(kit, middle, job["calibration_texts"], params["imatrix"]["seq_len"], scratch)
+            quantize += ["--imatrix", "imatrix.gguf"]
         quantize += _quantize_args(params.get("keep", {}))
-        args["quantize"] = quantize + [str(middle), str(target), ftype, str(os.cpu_count() or 1)]
-        _run(args["quantize"], "llama-quantize")
+        args["quantize"] = quantize + [middle.name, str(target), ftype, str(os.cpu_count() or 1)]
+        _run(args["quantize"], "llama-quantize", cwd=scratch)
+        if params.get("imatrix"):  # kept beside the model: what the quantizer was given
+            shutil.copyfile(scratch / "imatrix.gguf", out_dir / "imatrix.gguf")
         middle.unlink()
     info = _read(target)
     kept = _check_kept(params.get("keep", {}), info["tensors"]) if params.get("keep") else []
