@@ -306,3 +306,26 @@ def _write_unknown_architecture(path: Path) -> None:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+@needs_shared
+@pytest.mark.shared_data
+def test_a_gguf_file_of_a_hub_repository_registers_from_the_offline_cache(tmp_path):
+    """`{model, revision, file}`: keyed by repo, commit and file (no download to plan), read from the
+    hub cache offline, registered as it is; a wrong file name is one message."""
+    from hubcache import repo_folder, write_snapshot
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    write_snapshot(repo_folder(tmp_path / "hf" / "hub", "org/stories-GGUF"), commit,
+                   {"stories260K.gguf": STORIES.read_bytes(), "README.md": b"not needed"}, ref="main")
+    env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    recipe = write(tmp_path, "hub-gguf", f"source: {{model: org/stories-GGUF, revision: {commit}, "
+                                         "file: stories260K.gguf}\ntarget: {runtime: llama.cpp}\n")
+    assert "hub-gguf@1: built" in engine("apply", str(recipe), cwd=tmp_path, env=env).stdout
+    doc = json.loads(engine("show", "hub-gguf", "--json", cwd=tmp_path).stdout)
+    assert doc["source"]["identity"] == {"repo": "org/stories-GGUF", "commit": commit, "file": "stories260K.gguf"}
+    assert doc["build_meta"]["imported"] and doc["build_meta"]["original_file"] == "stories260K.gguf"
+    assert "up to date" in engine("apply", str(recipe), cwd=tmp_path, env=env).stdout
+    recipe.write_text(recipe.read_text().replace("file: stories260K.gguf", "file: other.gguf"))
+    err = engine("apply", str(recipe), cwd=tmp_path, env=env, check=1).stderr
+    assert "org/stories-GGUF" in err and "other.gguf" in err and "Traceback" not in err
