@@ -329,3 +329,16 @@ def test_a_gguf_file_of_a_hub_repository_registers_from_the_offline_cache(tmp_pa
     recipe.write_text(recipe.read_text().replace("file: stories260K.gguf", "file: other.gguf"))
     err = engine("apply", str(recipe), cwd=tmp_path, env=env, check=1).stderr
     assert "org/stories-GGUF" in err and "other.gguf" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+@pytest.mark.shared_data
+def test_a_cached_apply_imports_neither_llama_cpp_nor_torch(built):
+    found = python(f"""
+        import json, sys, engine
+        results = [engine.apply({str(built / 'wt2-q4km-imatrix.yaml')!r}), engine.apply({str(built / 'wt2-ready-q4km.yaml')!r})]
+        print(json.dumps({{"rebuilt_nothing": [r.rebuilt_nothing for r in results],
+                          "heavy": sorted(m for m in ("torch", "transformers", "llama_cpp", "gguf", "numpy")
+                                          if m in sys.modules)}}))
+    """, built)
+    assert found == {"rebuilt_nothing": [True, True], "heavy": []}
