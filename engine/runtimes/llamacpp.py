@@ -99,7 +99,9 @@ class LlamaCppRuntime(Runtime):
     # -- planning ---------------------------------------------------------------------------------
     def build_params(self, recipe: dict, base_dir: Path, source: Any) -> dict:
         if getattr(source, "format", "hf") == "gguf":
-            return {"precision": "gguf import", "import": True}
+            # what the recipe says the file is; checked at plan time when the file is here, else by the build
+            stated = {"ftype": recipe["target"].get("options", {}).get("ftype")}
+            return {"precision": "gguf import", "import": True, "_stated": stated}
         quant, options = recipe["quantization"], recipe["target"].get("options", {})
         ftype = ftype_of(recipe)
         params: dict[str, Any] = {"precision": ftype, "ftype": ftype,
@@ -168,6 +170,7 @@ class LlamaCppRuntime(Runtime):
         kit = find()
         job: dict[str, Any] = {"source_dir": str(source_dir), "out_dir": str(out_dir), "params":
                                {k: v for k, v in params.items() if not k.startswith("_")},
+                               "stated": params.get("_stated", {}),
                                "toolkit": str(kit.root), "scratch": str(out_dir.parent / "scratch")}
         if "_calibration" in params:
             job["calibration_texts"] = load_texts(params["_calibration"], Path(params["_base_dir"]))

@@ -101,6 +101,10 @@ def _import(job: dict, out_dir: Path) -> dict[str, Any]:
     src = files[0]
     print(f"importing {src}", flush=True)
     info = _read(src)
+    stated = job.get("stated", {}).get("ftype")
+    if stated and stated != info["ftype"]:
+        raise JobError(f"target.options.ftype: '{stated}' contradicts the file, which is {info['ftype']}",
+                       hint=f"write ftype: {info['ftype']}, or leave it out (it is read from the file)")
     shutil.copyfile(src, out_dir / GGUF_FILE)
     probe = _probe(out_dir / GGUF_FILE)
     return {"imported": True, "original_file": src.name, **_facts(info), "probe": probe}
