@@ -342,3 +342,23 @@ def test_a_cached_apply_imports_neither_llama_cpp_nor_torch(built):
                                           if m in sys.modules)}}))
     """, built)
     assert found == {"rebuilt_nothing": [True, True], "heavy": []}
+
+
+@needs_build
+@needs_shared
+@pytest.mark.slow
+@pytest.mark.shared_data
+def test_skip_modules_keep_tensors_at_the_skip_type_and_a_miss_is_named(tmp_path):
+    recipe = write(tmp_path, "keep", f"""\
+        source: {{path: {LLAMA_SP}}}
+        quantization: {{weight_dtype: int4, skip_modules: [lm_head, model.layers.0.mlp.down_proj]}}
+        target: {{runtime: llama.cpp, options: {{skip_type: Q8_0}}}}
+        """)
+    engine("apply", str(recipe), cwd=tmp_path)
+    doc = json.loads(engine("show", "keep", "--json", cwd=tmp_path).stdout)
+    assert doc["build_meta"]["kept"] == [["lm_head", "output.weight", "Q8_0"],
+                                         ["model.layers.0.mlp.down_proj", "blk.0.ffn_down.weight", "Q8_0"]]
+    assert doc["build_meta"]["tensor_types"]["Q8_0"] == 2
+    recipe.write_text(recipe.read_text().replace("model.layers.0.mlp.down_proj", "model.layers.0.mlp.nothing"))
+    err = engine("apply", str(recipe), cwd=tmp_path, check=1).stderr
+    assert "skip_modules matched no tensor for: model.layers.0.mlp.nothing" in err and "Traceback" not in err
