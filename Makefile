@@ -8,6 +8,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e '.[all,test]'
 	# optimum-intel drags in a torchvision built for another torch; it breaks `import transformers`
 	$(PY) -m pip uninstall --quiet --yes torchvision || true
+	# llama.cpp's converter and llama-imatrix / llama-quantize, from the installed llama-cpp-python's sdist
+	$(PY) -m engine.runtimes.llamacpp_tools install
 	touch $@
 
 .PHONY: install demo test

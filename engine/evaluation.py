@@ -159,6 +159,8 @@ def evaluate_variant(load: Callable[[], Any], artifact_size: int, spec: dict, re
     ref = json.loads((reference_dir / "reference.json").read_text()) if reference_dir else None
     if ref and "perplexity" in spec:
         scores += _quality(model, spec["perplexity"], ref, reference_dir, progress)
+    elif "perplexity" in spec:  # no unquantized reference (a ready-made GGUF): its own tokens, perplexity only
+        scores += _own_perplexity(model, spec["perplexity"], progress)
     if ref and ref.get("source_weight_bytes"):
         scores.append(_score("size_ratio", artifact_size / ref["source_weight_bytes"], "x source",
                              {"source_weight_bytes": ref["source_weight_bytes"]}))
@@ -179,7 +181,14 @@ def _quality(model: Any, ppl: dict, ref: dict, reference_dir: Path, progress: Pr
     for i, w in enumerate(windows):
         progress(f"evaluating: window {i + 1}/{len(windows)}")
         window = Window(w["input_ids"], w["first_scored"])
-        logprobs = scored_logprobs(model.logits(window.input_ids), window)
+        logits = model.logits(window.input_ids)
+        if i == 0 and ppl.get("fidelity", True):
+            vocab = np.load(reference_dir / "ref-0000.npy", mmap_mode="r").shape[-1]
+            if logits.shape[-1] != vocab:
+                raise EngineError(f"the variant's vocabulary ({logits.shape[-1]} tokens) is not the reference's "
+                                  f"({vocab}): KL and top-1 cannot compare them",
+                                  hint="eval.reference must be the unquantized model the variant was made from")
+        logprobs = scored_logprobs(logits, window)
         total += nll(logprobs, window.targets)
         count += len(window.targets)
         if ppl.get("fidelity", True):
@@ -193,6 +202,27 @@ def _quality(model: Any, ppl: dict, ref: dict, reference_dir: Path, progress: Pr
         scores += [_score("kl_divergence", kl_sum / count, "nats", how),
                    _score("top1_agreement", agree / count, "ratio", how)]
     return scores
+
+
+def _own_perplexity(model: Any, ppl: dict, progress: Progress) -> list[dict]:
+    """Perplexity over windows tokenized by the variant itself (no source tokenizer to share)."""
+    from .metrics import make_windows, nll, perplexity, scored_logprobs
+
+    progress("evaluating: tokenizing the dataset with the variant's tokenizer")
+    start = model.encode("")  # what encode() puts first (BOS), if anything
+    ids = model.encode(_read_text(ppl))[len(start):]
+    bos_id = start[0] if ppl["bos"] and start else None
+    windows = make_windows(ids, ppl["window"], ppl["stride"], ppl["max_windows"], bos_id)
+    if not windows:
+        raise EngineError("the evaluation dataset is too short for one window",
+                          hint="use a longer text or a smaller eval.perplexity.window")
+    total, count = 0.0, 0
+    for i, window in enumerate(windows):
+        progress(f"evaluating: window {i + 1}/{len(windows)}")
+        logprobs = scored_logprobs(model.logits(window.input_ids), window)
+        total += nll(logprobs, window.targets)
+        count += len(window.targets)
+    return [_score("perplexity", perplexity(total, count), "ppl", method(ppl))]
 
 
 def _speed(model: Any, speed: dict, ref: dict | None, load_seconds: float, progress: Progress) -> list[dict]:

@@ -17,12 +17,12 @@ from . import __version__
 from .errors import ArtifactVanished, EngineError, SourceChanged, store_error
 from .evaluation import compute_reference, evaluate_variant
 from .paths import Locations, resolve
-from .plan import Plan, make_plan
+from .plan import Plan, make_plan, source_key
 from .recipe import Recipe, load_recipes
 from .recipe.matrix import Skipped
 from .records import StepRecord, VariantRecord
 from .registry import Registry
-from .sources import Materialize
+from .sources import Materialize, Source
 from .steps import Progress, quiet, run_step
 from .store import Entry, Store
 
@@ -135,16 +135,19 @@ def _applying(plan: Plan, store: Store, locations: Locations, force: bool) -> It
         yield
 
 
-def _materialize(plan: Plan, store: Store, ran: list[StepRecord], progress: Progress) -> Path:
-    """A local folder with the source model (a built source is itself a cached step)."""
-    step = plan.steps[0]
+def _materialize(plan: Plan, store: Store, ran: list[StepRecord], progress: Progress,
+                 source=None, step=None) -> Path:
+    """A local folder with the source model (a built source is itself a cached step); `source` and
+    `step` name another source (the evaluation's reference)."""
+    step = step or plan.steps[0]
+    source = source or plan.source_type
 
     def cached(work: Callable[[Path], dict]) -> Path:
         return run_step(store, step, lambda stage: work(stage.files_dir), ran, progress,
                         message=f"making the source: {step.detail}").files_dir
 
     ctx = Materialize(store.root / "tmp", list(plan.runtime.source_patterns), store.stat_cache(), cached)
-    return plan.source_type.materialize(ctx)
+    return source.materialize(ctx)
 
 
 def _build(plan: Plan, store: Store, ran: list[StepRecord], progress: Progress, force: bool) -> Entry:
@@ -160,7 +163,7 @@ def _build(plan: Plan, store: Store, ran: list[StepRecord], progress: Progress, 
         progress(f"building {step.detail}", False)
         meta = plan.runtime.build(source_dir, stage.files_dir, step.inputs, stage.logs_dir,
                                   lambda line: progress(line, True))
-        _check_source_unchanged(plan, store)
+        _check_unchanged(plan.source_type, plan.steps[0].key, store)
         return {"runtime": plan.runtime.name, "recipe": plan.recipe.name, **meta}
 
     return run_step(store, step, work, ran, progress, force=force, message=f"building {step.detail}")
@@ -174,9 +177,10 @@ def _evaluate(plan: Plan, store: Store, artifact: Entry, ran: list[StepRecord], 
     ref_entry = None
     if ref_step:
         def reference(stage) -> dict:
-            meta = compute_reference(_materialize(plan, store, ran, progress), plan.spec, stage.files_dir,
+            meta = compute_reference(_materialize(plan, store, ran, progress, plan.reference_source,
+                                                  plan.reference_step), plan.spec, stage.files_dir,
                                      lambda m: progress(m, True))
-            _check_source_unchanged(plan, store)
+            _check_unchanged(plan.reference_source, plan.reference_step.key, store)
             return meta
 
         ref_entry = run_step(store, ref_step, reference, ran, progress)
@@ -194,15 +198,15 @@ def _evaluate(plan: Plan, store: Store, artifact: Entry, ran: list[StepRecord], 
     return {"key": eval_step.key, "scores": scores, "versions": eval_step.versions}
 
 
-def _check_source_unchanged(plan: Plan, store: Store) -> None:
+def _check_unchanged(source: Source, key: str, store: Store) -> None:
     """A local source folder must hold the bytes its digest named when the step began: otherwise the
     step would be committed under the old key with the new bytes (a poisoned cache). The stat cache
     makes this cheap; a file whose stat moved is hashed again."""
-    folder = plan.source_type.local_folder()
+    folder = source.local_folder()
     if folder is None:
         return
     with store.stat_cache() as cache:
-        moved = plan.source_type.identity(cache) != plan.source["identity"]
+        moved = source_key(source.identity(cache)) != key
     if moved:
         raise SourceChanged(f"the source folder {folder} changed while it was being read; nothing was kept",
                             hint="leave the folder alone during `engine apply`, then apply again")

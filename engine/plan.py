@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .discovery import get_runtime
+from .errors import RecipeInvalid
 from .evaluation import eval_key, eval_spec, method, reference_key
 from .hashing import content_key
 from .preflight import check_eval_fits, path_too_long
@@ -25,6 +26,11 @@ SOURCE_STEP_VERSION = 1
 REFERENCE_LIBRARIES = ("torch", "transformers")
 
 
+def source_key(identity: dict) -> str:
+    """The key of a source step: what names its exact bytes."""
+    return content_key({"step": "source", "v": SOURCE_STEP_VERSION, "identity": identity})
+
+
 @dataclass
 class Plan:
     recipe: Recipe
@@ -33,6 +39,9 @@ class Plan:
     source: dict  # kind, key, identity, description: what the registry records
     steps: list[StepPlan]
     spec: dict | None = None  # the normalized eval spec, when the recipe has one
+    #: what the reference pass scores (the source itself, or `eval.reference`), and its source step
+    reference_source: Source | None = None
+    reference_step: StepPlan | None = None
 
     def step(self, kind: str) -> StepPlan | None:
         return next((s for s in self.steps if s.kind == kind), None)
@@ -55,9 +64,16 @@ def make_plan(recipe: Recipe, store: Store, *, versions: VersionLookup = install
         identity = source.identity(stat_cache, versions)
     except OSError as error:
         raise (path_too_long(recipe, error) or error) from error
-    source_key = content_key({"step": "source", "v": SOURCE_STEP_VERSION, "identity": identity})
+    src_key = source_key(identity)
     described = source.describe()
-    record = {"kind": source.kind, "key": source_key, "identity": identity, "description": described}
+    record = {"kind": source.kind, "key": src_key, "identity": identity, "description": described}
+    if source.format not in runtime.source_formats:
+        raise RecipeInvalid([recipe.issue(("source",), f"runtime '{runtime.name}' cannot build from a {source.format} "
+                                          "file", "a ready-made .gguf registers with `target.runtime: llama.cpp`; "
+                                          "other runtimes build from a Hugging Face checkpoint")])
+    issues = runtime.recipe_issues(recipe, source)
+    if issues:
+        raise RecipeInvalid(sorted(issues, key=lambda i: (i.line, i.col, i.path)))
     params = runtime.build_params(data, base_dir, source)
     library = versions_of(runtime.distributions, versions, needed_by=f"runtime '{runtime.name}'",
                           extra=runtime.extra)
@@ -66,29 +82,53 @@ def make_plan(recipe: Recipe, store: Store, *, versions: VersionLookup = install
     key_params = {k: v for k, v in params.items() if not k.startswith("_")}
     build_key = content_key({
         "step": "build", "runtime": runtime.name, "v": runtime.step_version,
-        "params": key_params, "input": source_key, "versions": library,
+        "params": key_params, "input": src_key, "versions": library,
     })
     steps = [
-        StepPlan("source", source_key, described, identity.get("versions", {}),
-                 source.status(store.get(source_key) is not None), source.detail(identity)),
+        StepPlan("source", src_key, described, identity.get("versions", {}),
+                 source.status(store.get(src_key) is not None), source.detail(identity)),
         StepPlan("build", build_key, key_params, library, "cached" if store.get(build_key) else "missing",
                  f"{runtime.name} {params.get('precision') or ''}".strip(), inputs=params),
     ]
     spec = eval_spec(data, base_dir, stat_cache.hash)
     check_eval_fits(recipe, source, spec)
+    ref_source = ref_step = None
     if spec:
-        steps += _eval_steps(spec, source_key, build_key, library, store, versions)
-    return Plan(recipe, runtime, source, record, steps, spec)
+        ref_source, ref_step = _reference(recipe, source, steps[0], stat_cache, store, versions)
+        if "perplexity" in spec and ref_source is None:  # no unquantized model: the variant's own tokens
+            if (data["eval"].get("fidelity") and ("eval", "fidelity") in recipe.positions):
+                raise RecipeInvalid([recipe.issue(("eval", "fidelity"), "KL and top-1 need an unquantized reference",
+                                                  "add eval.reference: {path: <HF folder>} or {model: ..., revision: ...}")])
+            spec["perplexity"] = {**spec["perplexity"], "fidelity": False, "tokens": "variant tokenizer"}
+        steps += _eval_steps(spec, ref_step.key if ref_step else None, build_key, library, store, versions)
+    return Plan(recipe, runtime, source, record, steps, spec, ref_source, ref_step)
 
 
-def _eval_steps(spec: dict, source_key: str, build_key: str, library: dict, store: Store,
+def _reference(recipe: Recipe, source: Source, source_step: StepPlan, stat_cache, store: Store,
+               versions: VersionLookup) -> tuple[Source | None, StepPlan | None]:
+    """The unquantized model evaluation compares against: `eval.reference` when given, else the
+    source when it is a Hugging Face checkpoint, else none (a ready-made GGUF alone)."""
+    given = recipe.data["eval"].get("reference")
+    if not given:
+        return (source, source_step) if source.format == "hf" else (None, None)
+    reference = source_from_recipe(given, recipe.base_dir())
+    if reference.format != "hf":
+        raise RecipeInvalid([recipe.issue(("eval", "reference"), "the reference must be an unquantized Hugging "
+                                          "Face checkpoint", "give a folder ({path: ...}) or {model: ..., revision: ...}")])
+    identity = reference.identity(stat_cache, versions)
+    key = source_key(identity)
+    return reference, StepPlan("source", key, reference.describe(), identity.get("versions", {}),
+                               reference.status(store.get(key) is not None), reference.detail(identity))
+
+
+def _eval_steps(spec: dict, reference_source: str | None, build_key: str, library: dict, store: Store,
                 versions: VersionLookup) -> list[StepPlan]:
     steps = []
     ref_key = None
-    if "perplexity" in spec:
+    if "perplexity" in spec and reference_source is not None:
         ref_versions = ({d: library[d] for d in REFERENCE_LIBRARIES if d in library}
                         or optional_versions(REFERENCE_LIBRARIES, versions))
-        ref_key = reference_key(source_key, spec, ref_versions)
+        ref_key = reference_key(reference_source, spec, ref_versions)
         steps.append(StepPlan("reference", ref_key, method(spec["perplexity"]), ref_versions,
                               "cached" if store.get(ref_key) else "missing", "source model scores (PyTorch fp32)"))
     key = eval_key(build_key, ref_key, spec, library)

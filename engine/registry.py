@@ -232,7 +232,8 @@ class Registry:
                 "description": recipe_json.get("description", ""),
                 "runtime": target["runtime"],
                 "device": target.get("device", "cpu"),
-                "weight_dtype": quant.get("weight_dtype"),
+                # a runtime whose types are finer than weight_dtype names the one it built (llama.cpp: Q4_K_M)
+                "weight_dtype": artifact.get("meta", {}).get("built_weight_type") or quant.get("weight_dtype"),
                 "group_size": quant.get("group_size"),
                 "scheme": quant.get("scheme"),
                 "algorithm": quant.get("algorithm"),

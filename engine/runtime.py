@@ -182,6 +182,8 @@ class Runtime(ABC):
     )
     #: build facts (artifact meta keys) too long or internal for `engine show`'s summary
     hidden_meta: tuple[str, ...] = ()
+    #: source formats it builds from (engine.sources.Source.format): "hf" folders; "gguf" files
+    source_formats: tuple[str, ...] = ("hf",)
 
     # -- the declaration as a JSON Schema ----------------------------------------------------------
     def schema_document(self) -> dict:
@@ -213,6 +215,12 @@ class Runtime(ABC):
         key: use them for inputs whose content the key already holds (a calibration file's path
         beside its content hash).
         """
+
+    def recipe_issues(self, recipe: Any, source: Any) -> list:
+        """Problems a schema cannot see (the recipe against its source, say), as RecipeIssues located
+        with `recipe.issue(path, message, hint)`; planning refuses the recipe when there are any.
+        `recipe` is the engine.recipe.Recipe (`recipe.positions` tells what the file itself sets)."""
+        return []
 
     def check_available(self, recipe: dict) -> None:
         """Raise RuntimeUnavailable when this machine cannot build/run the recipe's target."""

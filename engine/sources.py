@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from engine.errors import SourceUnavailable
-from engine.hashing import StatCache, tree_digest, tree_manifest
+from engine.hashing import StatCache, sha256_file, tree_digest, tree_manifest
 from engine.versions import VersionLookup, installed_version
 
 COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
@@ -47,8 +47,16 @@ class Source(ABC):
 
     #: the recipe key that selects this kind (`model`, `path`, `synthetic`)
     field: ClassVar[str]
-    #: the kind recorded in the registry (`hub`, `path`, `synthetic`)
+    #: the kind recorded in the registry (`hub`, `path`, `synthetic`, `gguf`)
     kind: ClassVar[str]
+    #: what materialize() gives: "hf" (a Hugging Face folder) or "gguf" (a folder with one .gguf file);
+    #: a runtime lists the formats it builds from in Runtime.source_formats
+    format: ClassVar[str] = "hf"
+
+    @classmethod
+    def accepts(cls, spec: dict[str, Any]) -> bool:
+        """Whether a recipe's `source:` mapping is this kind (by default: it has the kind's key)."""
+        return cls.field in spec
 
     def __init__(self, spec: dict[str, Any], base_dir: Path) -> None:
         self.spec = spec
@@ -80,6 +88,10 @@ class Source(ABC):
 
     def local_folder(self) -> Path | None:
         """The folder the weights already lie in, when there is one before materializing."""
+        return None
+
+    def local_file(self) -> Path | None:
+        """For a single-file source (a .gguf): the file, when it is already on this machine."""
         return None
 
 
@@ -182,6 +194,10 @@ class HubSource(Source):
 
     field, kind = "model", "hub"
 
+    @classmethod
+    def accepts(cls, spec: dict[str, Any]) -> bool:
+        return "model" in spec and "file" not in spec
+
     def __init__(self, spec: dict[str, Any], base_dir: Path, cache_dir: Path | None = None) -> None:
         super().__init__(spec, base_dir)
         self.repo, self.revision = spec["model"], str(spec.get("revision") or "main")
@@ -214,6 +230,10 @@ class PathSource(Source):
     """A local folder in Hugging Face layout; its identity is a digest of its files (stat-cached)."""
 
     field, kind = "path", "path"
+
+    @classmethod
+    def accepts(cls, spec: dict[str, Any]) -> bool:
+        return "path" in spec and not is_gguf_name(spec["path"])
 
     @property
     def folder(self) -> Path:
@@ -308,13 +328,103 @@ class SyntheticSource(Source):
         return ctx.cached(make)
 
 
+def is_gguf_name(name: Any) -> bool:
+    return isinstance(name, str) and name.lower().endswith(".gguf")
+
+
+class GgufSource(Source):
+    """A ready-made GGUF file: `{path: x.gguf}` (identity: its sha256, stat-cached) or
+    `{model: REPO, revision: SHA, file: x.gguf}` (identity: repo, commit, file; no download)."""
+
+    field, kind, format = "file", "gguf", "gguf"
+
+    @classmethod
+    def accepts(cls, spec: dict[str, Any]) -> bool:
+        return "file" in spec or ("path" in spec and is_gguf_name(spec["path"]))
+
+    def __init__(self, spec: dict[str, Any], base_dir: Path, cache_dir: Path | None = None) -> None:
+        super().__init__(spec, base_dir)
+        self.cache_dir = cache_dir
+        self.repo = spec.get("model")
+        self.revision = str(spec.get("revision") or "main")
+
+    @property
+    def path(self) -> Path | None:
+        return (self.base_dir / Path(self.spec["path"]).expanduser()).resolve() if "path" in self.spec else None
+
+    def _checked_file(self) -> Path:
+        path = self.path
+        assert path is not None
+        if not path.is_file():
+            raise SourceUnavailable(f"source.path: no such file: {path}",
+                                    hint="relative paths are relative to the recipe file")
+        return path
+
+    def identity(self, stat_cache: StatCache | None, versions: VersionLookup = installed_version) -> dict:
+        if self.repo is None:
+            path = self._checked_file()
+            digest = stat_cache.hash(path) if stat_cache is not None else sha256_file(path)
+            return {"gguf_sha256": digest}
+        return {"repo": self.repo, "commit": resolve_hub_revision(self.repo, self.revision, self.cache_dir),
+                "file": self.spec["file"]}
+
+    def describe(self) -> dict:
+        if self.repo is None:
+            return {"path": str(self.path)}
+        return {"repo": self.repo, "revision": self.spec.get("revision"), "file": self.spec["file"]}
+
+    def detail(self, identity: dict) -> str:
+        if self.repo is None:
+            return str(self.path)
+        return f"{self.repo}@{identity.get('commit', self.revision)[:12]}/{self.spec['file']}"
+
+    def status(self, cached: bool) -> str:
+        return "local" if self.repo is None else "hub"
+
+    def local_file(self) -> Path | None:
+        if self.repo is None:
+            return self._checked_file()
+        commit = self.revision if COMMIT_RE.match(self.revision) else None
+        path = (_hub_cache(self.cache_dir) / f"models--{self.repo.replace('/', '--')}" / "snapshots"
+                / str(commit) / self.spec["file"]) if commit else None
+        return path if path and path.is_file() else None
+
+    def materialize(self, ctx: Materialize) -> Path:
+        """A folder holding just the file (a symlink to it)."""
+        if self.repo is None:
+            path = self._checked_file()
+        else:
+            path = _hub_file(self.repo, self.revision, self.spec["file"], ctx.cache_dir or self.cache_dir)
+        ctx.scratch.mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(prefix="gguf-", dir=ctx.scratch))
+        (folder / path.name).symlink_to(os.path.realpath(path))
+        return folder
+
+
+def _hub_file(repo: str, revision: str, filename: str, cache_dir: Path | None) -> Path:
+    import huggingface_hub
+
+    offline = hub_offline()
+    try:
+        return Path(huggingface_hub.hf_hub_download(repo, filename, revision=revision,
+                                                    cache_dir=_hub_cache(cache_dir), local_files_only=offline))
+    except Exception as exc:  # any hub/network failure means: not available
+        raise SourceUnavailable(
+            f"cannot download {repo}@{revision}/{filename}: {_short_reason(exc, offline)} "
+            f"(hub cache: {_hub_cache(cache_dir)})",
+            hint=f"on a connected machine run `hf download {repo} {filename} --revision {revision}` and copy "
+                 "its hub cache here, or download the file and use `source: {path: file.gguf}`",
+        ) from exc
+
+
 #: recipe key -> the type that handles it; a new kind of source adds one line here
-SOURCE_TYPES: dict[str, type[Source]] = {cls.field: cls for cls in (HubSource, PathSource, SyntheticSource)}
+SOURCE_TYPES: dict[str, type[Source]] = {cls.field: cls for cls in (HubSource, PathSource, SyntheticSource,
+                                                                    GgufSource)}
 
 
 def source_from_recipe(spec: dict[str, Any], base_dir: Path) -> Source:
     """The Source for a recipe's `source:` mapping (the schema guarantees exactly one form)."""
-    kinds = [cls for key, cls in SOURCE_TYPES.items() if key in spec]
+    kinds = [cls for cls in SOURCE_TYPES.values() if cls.accepts(spec)]
     if len(kinds) != 1:
         forms = ", ".join(f"`{k}`" for k in SOURCE_TYPES)
         raise SourceUnavailable(f"source needs exactly one of {forms}",

@@ -13,6 +13,8 @@ def unavailable(runtime: Runtime) -> str | None:
     """Why the runtime cannot run here, or None."""
     try:
         versions_of(runtime.distributions, needed_by=f"runtime '{runtime.name}'", extra=runtime.extra)
+        runtime.check_available({"source": {"synthetic": {}}, "target": {"device": runtime.devices[0], "options": {}},
+                                 "quantization": dict(runtime.example_quantization)})
     except RuntimeUnavailable as error:
         return f"{error.message} ({error.hint})"
     return None

@@ -27,6 +27,7 @@ class Recipe:
     data: dict[str, Any]  # validated, defaults filled
     positions: dict[tuple[Any, ...], tuple[int, int]]  # document path -> 1-based (line, col)
     matrix: dict[str, Any] | None = None  # for a sweep's variant: the swept keys and their values here
+    filename: str = "<string>"  # the file as the user named it (how issues name it)
 
     @property
     def name(self) -> str:
@@ -35,6 +36,15 @@ class Recipe:
     @property
     def runtime(self) -> str:
         return self.data["target"]["runtime"]
+
+    def issue(self, path: tuple[Any, ...], message: str, hint: str | None = None) -> RecipeIssue:
+        """A RecipeIssue at `path` (a document path such as ("target", "options", "ftype")), located
+        at the deepest part of it the file sets."""
+        where = tuple(path)
+        while where and where not in self.positions:
+            where = where[:-1]
+        line, col = self.positions.get(where, (0, 0))
+        return RecipeIssue(self.filename, line, col, ".".join(str(p) for p in path), message, hint)
 
     def base_dir(self) -> Path:
         """Folder that relative paths in the recipe (source.path, calibration.dataset) resolve against."""
@@ -61,7 +71,7 @@ def parse_recipes(text: str, filename: str = "<string>", path: Path | None = Non
     data, positions = load_yaml(text, filename)
     resolved = Path(path).resolve() if path is not None else None
     if "matrix" not in data:
-        return [Recipe(resolved, text, validate(data, positions, filename), positions)], []
+        return [Recipe(resolved, text, validate(data, positions, filename), positions, filename=filename)], []
     recipes, skipped, issues = [], [], []
     for doc, where, chosen in expand(data, positions, filename):
         common, runtime = validate_stages(doc, where, filename)
@@ -70,7 +80,7 @@ def parse_recipes(text: str, filename: str = "<string>", path: Path | None = Non
         elif runtime:
             skipped.append(Skipped(doc["name"], "; ".join(f"{i.path}: {i.message}" for i in runtime)))
         else:
-            recipes.append(Recipe(resolved, text, doc, where, chosen))
+            recipes.append(Recipe(resolved, text, doc, where, chosen, filename=filename))
     if issues:
         raise RecipeInvalid(sorted(issues, key=lambda i: (i.line, i.col, i.path)))
     if not recipes:
