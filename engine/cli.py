@@ -225,26 +225,56 @@ def chat(loc: Locations, ref: str, system: str | None, **options) -> None:
         history.append({"role": "assistant", "content": "".join(answer)})
 
 
+#: above this many rows `engine ls` prints plain aligned text even on a terminal (rich is slow there)
+_RICH_ROWS = 200
+
+
 @cli.command("ls")
+@click.argument("patterns", nargs=-1)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output (stable keys).")
 @click.option("--all", "all_versions", is_flag=True, help="Every version, not only the latest.")
+@click.option("--runtime", help="Only variants of this runtime.")
+@click.option("--dtype", help="Only variants of this weight dtype (int4, int8, nf4, ...).")
+@click.option("--sort", type=click.Choice(["name", "size", "ppl", "kl", "created"]), default="name",
+              show_default=True, help="Order (size, ppl, kl: smallest first; created: newest first).")
+@click.option("--limit", type=click.IntRange(1), help="At most this many rows.")
 @click.pass_obj
-def ls_cmd(loc: Locations, as_json: bool, all_versions: bool) -> None:
-    """List the registered variants."""
-    from .catalog import list_variants
-    from .render import ls_row, ls_table
+def ls_cmd(loc: Locations, patterns: tuple[str, ...], as_json: bool, all_versions: bool, runtime: str | None,
+           dtype: str | None, sort: str, limit: int | None) -> None:
+    """List the registered variants; PATTERNS select names (shell wildcards, e.g. 'wt2-*').
 
-    listed = list_variants(loc, all_versions=all_versions)
-    if as_json:
-        click.echo(json.dumps([ls_row(v, s) for v, s in listed], indent=2))
-    elif not listed:
-        click.echo(f"no variants in {loc.registry}; run `engine apply RECIPE.yaml`", err=True)
-    else:
-        table, notes = ls_table([v for v, _ in listed], [s for _, s in listed])
+    A table on a terminal; plain aligned columns when piped or longer than 200 rows.
+    """
+    from .catalog import list_variants, score_methods
+    from .render import ls_cells, ls_row, ls_text
+
+    listed = list_variants(loc, all_versions=all_versions, patterns=patterns, runtime=runtime, dtype=dtype,
+                           sort=sort, limit=limit)
+    if as_json:  # one row per line: json's C encoder (indent= would use the slow pure-Python one)
+        click.echo("[\n" + ",\n".join(json.dumps(ls_row(v)) for v in listed) + ("\n]" if listed else "]"))
+        return
+    if not listed:
+        what = "matching variants" if patterns or runtime or dtype else "variants"
+        click.echo(f"no {what} in {loc.registry}" + ("" if what != "variants" else "; run `engine apply RECIPE.yaml`"),
+                   err=True)
+        return
+    scored = [v.scores for v in listed]
+    headers, cells, notes = ls_cells(listed, scored)
+    if notes:  # values of different methods: the footnotes say which method each letter is
+        ids = {s[m]["method_id"] for s in scored for m in s}
+        headers, cells, notes = ls_cells(listed, scored, score_methods(ids, loc))
+    if sys.stdout.isatty() and len(listed) <= _RICH_ROWS:
+        from .render import ls_table
+
+        table, _ = ls_table(listed, scored)
         console = _console()
         console.print(table)
         for note in notes:
             console.print(note)
+        return
+    click.echo(ls_text(headers, cells))
+    for note in notes:
+        click.echo(note)
 
 
 @cli.command()

@@ -16,9 +16,11 @@ __all__ = ["comparable", "majority_method", "measured_by", "method_letters", "pr
 
 def present(score: Any) -> bool:
     """A score with a finite numeric value; NaN, inf or no value is no measurement to compare."""
-    if not isinstance(score, Mapping):
+    if type(score) is not dict and not isinstance(score, Mapping):  # dict first: ls asks 50,000 times
         return False
     value = score.get("value")
+    if type(value) is float:
+        return math.isfinite(value)
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
