@@ -67,6 +67,7 @@ def score_methods(method_ids: set[str], locations: Locations | None = None) -> d
 def show(ref: str, locations: Locations | None = None) -> dict[str, Any]:
     """Everything recorded about one variant, with what its runtime adds (engine show)."""
     from .discovery import UnknownRuntime, get_runtime
+    from .recipe import defaulted_fields
     from .render import show_doc
 
     def collect(reg: Registry) -> dict[str, Any]:
@@ -77,8 +78,10 @@ def show(ref: str, locations: Locations | None = None) -> dict[str, Any]:
             sections, hidden = runtime.show_sections(meta), runtime.hidden_meta
         except UnknownRuntime:  # its plugin is not installed here: the record still shows
             sections, hidden = [], ()
-        return show_doc(variant, reg.files(variant.artifact_key), reg.steps(variant.id), reg.scores(variant),
-                        meta, sections, hidden)
+        doc = show_doc(variant, reg.files(variant.artifact_key), reg.steps(variant.id), reg.scores(variant),
+                       meta, sections, hidden)
+        doc["defaults"] = defaulted_fields(variant.recipe, variant.recipe_text)
+        return doc
 
     return with_registry(locations, collect)
 

@@ -172,6 +172,9 @@ def show_text(doc: dict) -> list:
         ("runtime", f"{doc['runtime']} on {doc['device']}"),
         ("quantization", json.dumps(doc["recipe"].get("quantization", {}), sort_keys=True)),
         ("target options", json.dumps(doc["recipe"]["target"].get("options", {}), sort_keys=True)),
+        ("defaults", ", ".join(f"{k.split('.', 1)[1]}={json.dumps(v)}" for k, v in doc.get("defaults", {}).items()
+                               if k != "target.options") + "  (not written in the recipe: the runtime's or schema's)"
+         if doc.get("defaults") else "-"),
         ("source", f"{source['kind']}: " + json.dumps(source["identity"], sort_keys=True)),
         ("recipe", f"{doc['recipe_path'] or '-'} (sha256 {doc['recipe_sha256'][:16]}…)"),
         ("artifact", f"{doc['artifact_key']}  {human_size(doc['size_bytes'])} in {len(doc['files'])} files"),

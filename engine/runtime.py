@@ -189,6 +189,13 @@ class Runtime(ABC):
     #: build facts (artifact meta keys) too long or internal for `engine show`'s summary
     hidden_meta: tuple[str, ...] = ()
 
+    # -- what a recipe gets where it leaves a field out ------------------------------------------------
+    def defaults(self, recipe: dict) -> dict[str, Any]:
+        """Dotted recipe keys -> the value this runtime's backend recommends, filled where the recipe
+        leaves the key out (after the common schema's defaults, before the runtime's schema check).
+        `engine show` marks the values a recipe did not write."""
+        return {"quantization.compute_dtype": "fp32"}
+
     # -- the declaration as a JSON Schema ----------------------------------------------------------
     def schema_document(self) -> dict:
         """Constraints beyond the declaration (options, group sizes, hints): a JSON Schema over the
