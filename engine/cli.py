@@ -139,14 +139,19 @@ def _print_applied(result) -> None:
 
 
 def _progress(name: str):
-    """Step lines on stderr (the tools' own output only on a terminal, where it replaces itself)."""
-    live = sys.stderr.isatty()
+    """Step lines on stderr (the tools' own output only on a terminal, where it replaces itself).
+
+    Written to the real stderr (engine.quiet.terminal): a step sends fds 1 and 2 to its log."""
+    from .quiet import terminal
+
+    err = terminal(2)
+    live = err.isatty()
 
     def update(message: str, detail: bool = False) -> None:
         if live:
-            click.echo(f"\r\033[K{name}: {message}"[:160], nl=False, err=True)
+            click.echo(f"\r\033[K{name}: {message}"[:160], nl=False, file=err)
         elif not detail:
-            click.echo(f"{name}: {message}", err=True)
+            click.echo(f"{name}: {message}", file=err)
 
     return update
 
@@ -181,13 +186,37 @@ def _settings(max_new_tokens, temperature, top_p, top_k, seed, sample, stop) -> 
 def run(loc: Locations, ref: str, prompt: str, as_chat: bool, **options) -> None:
     """Stream the model's answer to PROMPT."""
     from .loader import load
+    from .quiet import captured, terminal
 
-    model = load(ref, registry=loc.registry, store=loc.store)
-    text = [{"role": "user", "content": prompt}] if as_chat else prompt
-    for piece in model.stream(text, **_settings(**options)):
-        click.echo(piece, nl=False)
-        sys.stdout.flush()
-    click.echo()
+    out = terminal(1)  # only the answer reaches stdout; the libraries' output goes to the store's log
+    with captured(loc.store / "logs" / "run.log") as log:
+        model = load(ref, registry=loc.registry, store=loc.store)
+        text = [{"role": "user", "content": prompt}] if as_chat else prompt
+        with _backend_errors(model, log):
+            for piece in model.stream(text, **_settings(**options)):
+                out.write(piece)
+                out.flush()
+    out.write("\n")
+    out.flush()
+
+
+class _backend_errors:
+    """A backend's exception while generating: one message naming the runtime and the log."""
+
+    def __init__(self, model, log) -> None:
+        self.model, self.log = model, log
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        from .errors import BackendFailed
+
+        if exc is None or isinstance(exc, (EngineError, KeyboardInterrupt, click.exceptions.Exit)):
+            return False
+        said = " ".join(str(exc).split())[:400] or exc_type.__name__
+        raise BackendFailed(f"{self.model.info.runtime} failed while generating with {self.model.name}: {said}",
+                            hint=f"the library's own output is in {self.log}") from exc
 
 
 @cli.command()

@@ -79,3 +79,7 @@ class RuntimeUnavailable(EngineError, ImportError):
 
 class BuildFailed(EngineError):
     """A runtime ran and failed; the message names the log that says why."""
+
+
+class BackendFailed(EngineError, RuntimeError):
+    """A runtime's library failed to load or run a registered artifact (its own words, once)."""

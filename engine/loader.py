@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from .discovery import get_runtime
-from .errors import VerificationFailed
+from .errors import BackendFailed, EngineError, VerificationFailed
 from .paths import resolve
 from .registry import Registry
 from .runtime import Model
@@ -40,4 +40,13 @@ def load(ref: str, *, verify: bool = False, registry: str | Path | None = None,
         raise VerificationFailed(f"{record.ref}: artifact folder is missing: {artifact_dir}",
                                  [str(artifact_dir)], hint="re-apply its recipe to rebuild it")
     record = replace(record, artifact_dir=str(artifact_dir))
-    return get_runtime(record.runtime).load(artifact_dir, record, **options)
+    runtime = get_runtime(record.runtime)
+    try:
+        return runtime.load(artifact_dir, record, **options)
+    except EngineError:
+        raise
+    except Exception as error:  # the backend's failure: one message, never its traceback
+        said = " ".join(str(error).split())[:400] or type(error).__name__
+        raise BackendFailed(f"{runtime.name} could not load {record.ref}: {said}",
+                            hint=f"`engine verify {record.ref}` checks its files; re-apply its recipe with "
+                                 "--force to rebuild it") from error

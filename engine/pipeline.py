@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import __version__
-from .errors import EngineError
+from .errors import BuildFailed, EngineError
 from .evaluation import compute_reference, evaluate_variant
 from .paths import Locations, resolve
 from .plan import Plan, make_plan
@@ -142,9 +142,31 @@ def _build(plan: Plan, store: Store, ran: list[StepRecord], progress: Progress, 
         progress(f"building {step.detail}", False)
         meta = plan.runtime.build(source_dir, stage.files_dir, step.inputs, stage.logs_dir,
                                   lambda line: progress(line, True))
+        progress(f"checking the {plan.runtime.name} artifact runs (one forward pass, one token)", False)
+        _prove_it_runs(plan, stage.files_dir, source_dir)
         return {"runtime": plan.runtime.name, "recipe": plan.recipe.name, **meta}
 
     return run_step(store, step, work, ran, progress, force=force, message=f"building {step.detail}")
+
+
+def _prove_it_runs(plan: Plan, files_dir: Path, source_dir: Path) -> None:
+    """Load the new artifact with its runtime, as engine.load will, and compute one forward pass and
+    one generated token: an artifact that cannot run is a failed build, never a registered variant."""
+    from .runtime import Sampling
+
+    info = VariantRecord(plan.recipe.name, 0, plan.runtime.name, recipe=plan.recipe.data,
+                         artifact_dir=str(files_dir))
+    try:
+        model = plan.runtime.load(files_dir, info)
+        ids = model.encode("The history of") or [0]
+        model.logits(ids)
+        next(iter(model.stream_ids(ids, Sampling(max_new_tokens=1))), None)
+    except EngineError:
+        raise
+    except Exception as error:  # the backend's own failure: its words, once, and what to do
+        said = " ".join(str(error).split())[:400] or type(error).__name__
+        raise BuildFailed(f"{plan.runtime.name} built {plan.recipe.name} but cannot run it: {said}",
+                          hint=plan.runtime.run_failure_hint(said, source_dir)) from None
 
 
 def _evaluate(plan: Plan, store: Store, artifact: Entry, ran: list[StepRecord], progress: Progress,

@@ -252,6 +252,14 @@ class Runtime(ABC):
             raise EngineError(f"unknown load option(s) for runtime '{self.name}': {', '.join(unknown)}",
                               hint=f"runtime '{self.name}' takes {takes}")
 
+    def run_failure_hint(self, message: str, source_dir: Path) -> str | None:
+        """A hint for an artifact that built but failed its first forward pass (`message`: the
+        backend's words). The default names the other installed runtimes."""
+        from .discovery import runtime_names
+
+        others = [n for n in runtime_names() if n != self.name]
+        return f"try another runtime ({', '.join(others)})" if others else None
+
     # -- what `engine show` adds -------------------------------------------------------------------
     def show_sections(self, meta: dict) -> list[Section]:
         """Tables `engine show` prints for a variant of this runtime, from its build facts."""

@@ -71,6 +71,19 @@ class OrtGenAIRuntime(Runtime):
             )
         return params
 
+    def run_failure_hint(self, message: str, source_dir: Path) -> str | None:
+        """onnxruntime's GroupQueryAttention needs head_size % 16 == 0 (stories260K has 8)."""
+        if "head_size" in message:
+            try:
+                config = json.loads((source_dir / "config.json").read_text(encoding="utf-8"))
+                size = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+                said = f" (this model: {size})"
+            except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
+                said = ""
+            return (f"onnxruntime's attention kernel needs a head size that is a multiple of 16{said}; "
+                    "runtimes that run such a model: openvino, itrex")
+        return super().run_failure_hint(message, source_dir)
+
     def check_available(self, recipe: dict) -> None:
         device = recipe["target"]["device"]
         package = _DEVICE_PACKAGES.get(device)
