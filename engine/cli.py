@@ -227,8 +227,11 @@ class _backend_errors:
 def chat(loc: Locations, ref: str, system: str | None, **options) -> None:
     """Talk to a variant in the terminal (its chat template; history kept; Ctrl-D or Ctrl-C ends)."""
     from .loader import load
+    from .quiet import captured, terminal
 
-    model = load(ref, registry=loc.registry, store=loc.store)
+    out, log = terminal(1), loc.store / "logs" / "run.log"  # libraries' output: the log, as in `engine run`
+    with captured(log):
+        model = load(ref, registry=loc.registry, store=loc.store)
     model.apply_chat_template([{"role": "user", "content": ""}])  # no template: say so before the first prompt
     history = [{"role": "system", "content": system}] if system else []
     settings = _settings(**options)
@@ -244,13 +247,15 @@ def chat(loc: Locations, ref: str, system: str | None, **options) -> None:
         history.append({"role": "user", "content": line})
         answer = []
         try:
-            for piece in model.stream(history, **settings):
-                answer.append(piece)
-                click.echo(piece, nl=False)
-                sys.stdout.flush()
+            with captured(log), _backend_errors(model, log):
+                for piece in model.stream(history, **settings):
+                    answer.append(piece)
+                    out.write(piece)
+                    out.flush()
         except KeyboardInterrupt:  # stop this answer, keep the conversation
             pass
-        click.echo()
+        out.write("\n")
+        out.flush()
         history.append({"role": "assistant", "content": "".join(answer)})
 
 

@@ -17,7 +17,6 @@ from clirun import engine
 pytest.importorskip("onnxruntime_genai", reason="the onnxruntime-genai runtime is not installed (engine[ortgenai])")
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
 HEAVY = ("torch", "transformers", "onnxruntime", "onnxruntime_genai", "huggingface_hub", "numpy.linalg")
 
 TINY = """\
@@ -230,11 +229,8 @@ def test_unsupported_dtype_refused_before_any_work(tmp_path):
     assert not (tmp_path / "registry.db").exists() and not (tmp_path / ".engine").exists()
 
 
-@pytest.mark.shared_data
 def test_trained_fixture_int4_builds_and_generates(tmp_path):
-    fixture = SHARED / "models" / "wt2-phi3-7m"
-    if not fixture.is_dir():
-        pytest.skip(f"needs the trained fixture at {fixture} (../shared/data beside the project)")
+    fixture = ROOT / "models" / "wt2-phi3-7m"  # ships with the repository
     recipe = tmp_path / "wt2.yaml"
     recipe.write_text(f"""\
 name: wt2-int4

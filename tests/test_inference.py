@@ -1,6 +1,6 @@
 """One inference API for every runtime: generate, batches, stream, stop, chat, `engine run`/`chat`,
-and the LangChain LLM. Each runtime present is built once on the trained fixture (or, where
-../shared/data is absent, on a synthetic model) and driven through the same assertions."""
+and the LangChain LLM. Each runtime present is built once on the trained model that ships in
+models/wt2-phi3-7m and driven through the same assertions."""
 from __future__ import annotations
 
 import json
@@ -14,10 +14,11 @@ import pytest
 import engine
 from engine.discovery import get_runtime, runtime_names
 from engine.errors import EngineError
+from clirun import library_lines
 from runtimes_present import unavailable
 
 ROOT = Path(__file__).resolve().parents[1]
-FIXTURE = ROOT.parent / "shared" / "data" / "models" / "wt2-phi3-7m"
+FIXTURE = ROOT / "models" / "wt2-phi3-7m"  # the trained model that ships with the repository
 PROMPTS = ["The history of the", "In 1998 , the band released", "He was born in", "The"]
 
 
@@ -34,7 +35,7 @@ def model(request, work):
     reason = unavailable(get_runtime(runtime))
     if reason:
         pytest.skip(reason)
-    source = f"{{path: {FIXTURE}}}" if FIXTURE.is_dir() else "{synthetic: {architecture: phi3, seed: 0}}"
+    source = f"{{path: {FIXTURE}}}"
     name = f"inf-{runtime}"
     recipe = work / f"{name}.yaml"
     quantization = json.dumps(get_runtime(runtime).example_quantization)  # JSON is YAML
@@ -43,6 +44,7 @@ def model(request, work):
     proc = subprocess.run([sys.executable, "-m", "engine", "apply", str(recipe)], cwd=work,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr
+    assert not library_lines(proc.stdout + proc.stderr), library_lines(proc.stdout + proc.stderr)
     return engine.load(name, registry=work / "registry.db")
 
 
@@ -126,7 +128,9 @@ def test_engine_run_streams_visibly(model, work):
     proc.wait(timeout=300)
     assert proc.returncode == 0, proc.stderr.read()
     assert first and rest and alive_after_first
-    assert (first + rest).decode().strip() == str(model.generate("The history of the", max_new_tokens=400)).strip()
+    # stdout is the answer and nothing else; no library line on stderr (issue 16)
+    assert (first + rest).decode() == str(model.generate("The history of the", max_new_tokens=400)) + "\n"
+    assert not library_lines(proc.stderr.read().decode())
 
 
 def test_engine_chat_keeps_history_and_ends_on_eof(model, work):
@@ -137,3 +141,4 @@ def test_engine_chat_keeps_history_and_ends_on_eof(model, work):
     second = model.chat([{"role": "user", "content": "Hello there"}, {"role": "assistant", "content": str(first)},
                          {"role": "user", "content": "And then?"}], max_new_tokens=8)
     assert proc.stdout == f"> {first}\n> {second}\n> "  # two answers, then the prompt that met end of input
+    assert not library_lines(proc.stderr)
