@@ -93,6 +93,8 @@ def diff(a: str, b: str, locations: Locations | None = None) -> dict[str, Any]:
     def collect(reg: Registry) -> dict[str, Any]:
         va, vb = reg.get(a), reg.get(b)
         return diff_variants(va, vb, reg.files(va.artifact_key), reg.files(vb.artifact_key),
-                             reg.scores(va), reg.scores(vb))
+                             reg.scores(va), reg.scores(vb),
+                             reg.artifact_meta(va.artifact_key).get("weights", {}),
+                             reg.artifact_meta(vb.artifact_key).get("weights", {}))
 
     return with_registry(locations, collect)

@@ -17,6 +17,7 @@ from .errors import BuildFailed, EngineError
 from .evaluation import compute_reference, evaluate_variant
 from .paths import Locations, resolve
 from .plan import Plan, make_plan
+from .precision import summarize
 from .recipe import Recipe, load_recipes
 from .recipe.matrix import Skipped
 from .records import StepRecord, VariantRecord
@@ -144,7 +145,9 @@ def _build(plan: Plan, store: Store, ran: list[StepRecord], progress: Progress, 
                                   lambda line: progress(line, True))
         progress(f"checking the {plan.runtime.name} artifact runs (one forward pass, one token)", False)
         _prove_it_runs(plan, stage.files_dir, source_dir)
-        return {"runtime": plan.runtime.name, "recipe": plan.recipe.name, **meta}
+        weights = summarize(plan.runtime.weight_precisions(stage.files_dir))
+        return {"runtime": plan.runtime.name, "recipe": plan.recipe.name, **meta,
+                **({"weights": weights} if weights else {})}
 
     return run_step(store, step, work, ran, progress, force=force, message=f"building {step.detail}")
 

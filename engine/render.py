@@ -134,7 +134,7 @@ def ls_table(rows: list[Any], scored: list[dict], methods: dict[str, dict] | Non
 
 #: build facts `engine show` leaves out of its summary (everything is in --json); a runtime hides more
 #: through Runtime.hidden_meta
-_HIDDEN_META = {"runtime", "recipe", "builder_args", "implementation", "api", "implementation_version"}
+_HIDDEN_META = {"runtime", "recipe", "builder_args", "implementation", "api", "implementation_version", "weights"}
 
 
 def _build_rows(meta: dict, hidden: set[str]) -> list[tuple[str, str]]:
@@ -194,6 +194,18 @@ def show_text(doc: dict) -> list:
     for f in doc["files"]:
         files.add_row(f["path"], human_size(f["size"]), f["sha256"])
     parts = [head, steps, files]
+    weights = doc.get("build_meta", {}).get("weights")
+    if weights:  # read from the artifact at build time: what each kind of weight really became
+        from .precision import KINDS, describe
+
+        table = Table(title="weights as built (read from the artifact)", min_width=60, box=None, header_style="bold",
+                      title_justify="left")
+        table.add_column("module kind")
+        table.add_column("precision x tensors")
+        for kind in KINDS:
+            if kind in weights:
+                table.add_row(kind, describe(weights, kind))
+        parts.insert(1, table)
     for section in reversed(doc.get("sections", [])):  # the runtime's own tables, after the summary
         table = Table(title=section["title"], box=None, header_style="bold", title_justify="left")
         for col in section["columns"]:

@@ -283,6 +283,11 @@ class Runtime(ABC):
         others = [n for n in runtime_names() if n != self.name]
         return f"try another runtime ({', '.join(others)})" if others else None
 
+    def weight_precisions(self, artifact_dir: Path) -> list:
+        """What each weight tensor became, read from the artifact itself (engine.precision
+        WeightPrecision rows); recorded at build time for `engine show` and `engine diff`."""
+        return []
+
     # -- what `engine show` adds -------------------------------------------------------------------
     def show_sections(self, meta: dict) -> list[Section]:
         """Tables `engine show` prints for a variant of this runtime, from its build facts."""

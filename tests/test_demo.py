@@ -27,11 +27,16 @@ def demo(tmp_path_factory) -> Path:
     shutil.copytree(ROOT / "data" / "wikitext-2", work / "data" / "wikitext-2")
     proc = engine("apply", "recipes/demo-wt2-int4.yaml", cwd=work)
     assert "demo-wt2-int4@1: built" in proc.stdout
+    text = (work / "recipes" / "demo-wt2-int4.yaml").read_text()
+    (work / "recipes" / "keep-head.yaml").write_text(  # the same with lm_head left unquantized, not scored
+        text.replace("name: demo-wt2-int4", "name: demo-keep-head").split("eval:")[0]
+        .replace("  group_size: 32", "  skip_modules: [lm_head]\n  group_size: 32"))
+    engine("apply", "recipes/keep-head.yaml", cwd=work)
     return work
 
 
 def test_demo_shows_real_scores(demo):
-    [row] = json.loads(engine("ls", "--json", cwd=demo).stdout)
+    [row] = json.loads(engine("ls", "demo-wt2-*", "--json", cwd=demo).stdout)
     scores = {m: s["value"] for m, s in row["scores"].items()}
     # a trained model: perplexity near the source's (190 over the whole test split), int4 close to it
     assert 50 < scores["perplexity"] < 400 and scores["perplexity"] == pytest.approx(scores["source_perplexity"], rel=0.1)
@@ -59,9 +64,22 @@ def test_show_says_which_values_were_defaults(demo):
     assert "compute_dtype=\"int8\"" in text and "not written in the recipe" in text
 
 
+def test_show_and_diff_say_what_each_kind_of_weight_became(demo):
+    weights = json.loads(engine("show", "demo-wt2-int4", "--json", cwd=demo).stdout)["build_meta"]["weights"]
+    # read from the ONNX graph: every Linear, lm_head included, is MatMulNBits 4-bit, block 32
+    assert weights == {"attention": {"int4 g32": 12}, "mlp": {"int4 g32": 18}, "embeddings": {"fp32": 1},
+                       "lm_head": {"int4 g32": 1}}
+    diff = json.loads(engine("diff", "demo-wt2-int4", "demo-keep-head", "--json", cwd=demo).stdout)
+    assert [(w["kind"], w["a"], w["b"]) for w in diff["weights"] if not w["same"]] == [
+        ("lm_head", "int4 g32 x1", "fp32 x1")]
+    assert "differs" in engine("diff", "demo-wt2-int4", "demo-keep-head", cwd=demo).stdout
+
+
 def test_ls_filters_sorts_and_limits(demo):
     assert engine("ls", "demo-*", "--runtime", "onnxruntime-genai", "--dtype", "int4", "--sort", "kl",
-                  "--limit", "1", cwd=demo).stdout.count("demo-wt2-int4") == 1
+                  "--limit", "1", cwd=demo).stdout.count("demo-wt2-int4") == 1  # scored first, then the unscored
+    assert [r["name"] for r in json.loads(engine("ls", "--json", "--sort", "size", cwd=demo).stdout)] == [
+        "demo-wt2-int4", "demo-keep-head"]
     assert json.loads(engine("ls", "other-*", "--json", cwd=demo).stdout) == []
     assert "no matching variants" in engine("ls", "--runtime", "openvino", cwd=demo).stderr
 

@@ -14,6 +14,7 @@ import pytest
 import engine
 from engine.discovery import get_runtime, runtime_names
 from engine.errors import EngineError
+from clirun import engine as engine_cli
 from clirun import library_lines
 from runtimes_present import unavailable
 
@@ -108,6 +109,19 @@ def test_langchain_chain_invoke_batch_stream_and_bind(model):
     full = str(model.generate("The history of the", max_new_tokens=16))
     stop = full.strip()[3:5]
     assert llm.bind(stop=[stop]).invoke("The history of the") == full[: full.index(stop)]
+
+
+def test_show_reads_what_the_weights_became(model, work):
+    """engine show lists each module kind's precision as read from the artifact (ONNX graph,
+    OpenVINO IR, INC's packed modules), not as the recipe says it."""
+    doc = json.loads(engine_cli("show", model.name, "--json", cwd=work).stdout)
+    weights = doc["build_meta"]["weights"]
+    quant = get_runtime(model.info.runtime).example_quantization
+    group = quant.get("group_size", 32)
+    expected = f"{quant['weight_dtype']} " + (f"g{group}" if group > 0 else "per-channel")
+    assert set(weights["attention"]) == {expected} and set(weights["mlp"]) == {expected}
+    assert weights["lm_head"] and weights["embeddings"]
+    assert "weights as built" in engine_cli("show", model.name, cwd=work).stdout
 
 
 def test_unknown_load_option_is_refused(model):

@@ -84,6 +84,28 @@ class OrtGenAIRuntime(Runtime):
                     "runtimes that run such a model: openvino, itrex")
         return super().run_failure_hint(message, source_dir)
 
+    def weight_precisions(self, artifact_dir: Path) -> list:
+        """Read the ONNX graph (not its weights): MatMulNBits bits and block_size, the initializer
+        type of plain MatMul / Gather weights, GatherBlockQuantized embeddings."""
+        import onnx
+
+        from ..precision import WeightPrecision
+
+        graph = onnx.load(str(artifact_dir / "model.onnx"), load_external_data=False).graph
+        types = {i.name: i.data_type for i in graph.initializer}
+        floats = {onnx.TensorProto.FLOAT: "fp32", onnx.TensorProto.FLOAT16: "fp16", onnx.TensorProto.BFLOAT16: "bf16",
+                  onnx.TensorProto.INT8: "int8", onnx.TensorProto.UINT8: "int8"}
+        out = []
+        for node in graph.node:
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            if node.op_type in ("MatMulNBits", "GatherBlockQuantized"):
+                out.append(WeightPrecision(node.name, f"int{attrs.get('bits', 4)}", attrs.get("block_size")))
+            elif node.op_type in ("MatMul", "Gather") and len(node.input) > 1:
+                weight = next((i for i in node.input if i in types), None)
+                if weight is not None:
+                    out.append(WeightPrecision(node.name, floats.get(types[weight], str(types[weight]))))
+        return out
+
     def check_available(self, recipe: dict) -> None:
         device = recipe["target"]["device"]
         package = _DEVICE_PACKAGES.get(device)
