@@ -31,6 +31,7 @@ JOB_FILE, RESULT_FILE = "job.json", "result.json"
 
 
 def _die_with_parent() -> None:
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # the parent blocked it around the fork
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -52,11 +53,19 @@ def run_logged(
     with open(log_path, "ab") as log:
         log.write(("$ " + " ".join(cmd) + "\n").encode())
         log.flush()
-        proc = subprocess.Popen(
-            list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=full_env,
-            cwd=cwd, preexec_fn=_die_with_parent,
-        )
+        # A Ctrl-C that lands during the fork would be swallowed by an at-fork handler ("Exception
+        # ignored in _releaseLock") and the build would run on: hold it until the child exists.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
+            proc = subprocess.Popen(
+                list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=full_env,
+                cwd=cwd, preexec_fn=_die_with_parent,
+            )
+        except BaseException:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            raise
+        try:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a pending Ctrl-C is raised here
             _pump(proc, log, on_line)
         except BaseException:  # Ctrl-C or an error on our side: the child must not outlive the step
             proc.kill()
