@@ -44,7 +44,8 @@ def method_letters(scores_list: Iterable[Mapping[str, Any]],
     rows = list(scores_list)
     out: dict[str, dict[str | None, str]] = {}
     for metric in metrics:
-        ids = sorted({s[metric].get("method_id") for s in rows if present(s.get(metric))}, key=str)
+        scores = [score for score in (s.get(metric) for s in rows) if score is not None]
+        ids = sorted({score.get("method_id") for score in scores if present(score)}, key=str)
         if len(ids) > 1:
             out[metric] = {mid: chr(ord("a") + i) for i, mid in enumerate(ids)}
     return out

@@ -110,13 +110,11 @@ def ls_cells(rows: list[Any], scored: list[dict], methods: dict[str, dict] | Non
 
 def ls_text(headers: list[str], cells: list[list[str]]) -> str:
     """Plain aligned columns (pipes, long listings): one string, no terminal library involved."""
-    widths = [max([len(h)] + [len(row[i]) for row in cells]) for i, h in enumerate(headers)]
+    widths = [max(len(h), max(map(len, column), default=0)) for h, column in zip(headers, zip(*cells))] \
+        if cells else [len(h) for h in headers]
     right = [h in _RIGHT or h in {t for _, t, _ in HEADLINE} for h in headers]
-
-    def line(values: list[str]) -> str:
-        return "  ".join(v.rjust(w) if r else v.ljust(w) for v, w, r in zip(values, widths, right)).rstrip()
-
-    return "\n".join([line(headers), *(line(row) for row in cells)])
+    row_format = "  ".join(f"{{:{'>' if r else '<'}{w}}}" for w, r in zip(widths, right))
+    return "\n".join(row_format.format(*row).rstrip() for row in [headers, *cells])
 
 
 def ls_table(rows: list[Any], scored: list[dict], methods: dict[str, dict] | None = None):

@@ -276,15 +276,17 @@ def test_mapping_table():
 
 
 def test_example_recipes_validate():
+    from engine.discovery import get_runtime  # engine.runtimes.get_runtime went with the renovation
     from engine.recipe import load_recipe
-    from engine.runtimes import get_runtime
+    from engine.sources import source_from_recipe
 
     runtime = get_runtime("itrex")
     recipes = sorted((ROOT / "recipes").glob("*itrex*.yaml"))
     algorithms = set()
     for path in recipes:
         recipe = load_recipe(path)
-        params = runtime.build_params(recipe.data, recipe.base_dir())  # resolves the calibration file too
+        source = source_from_recipe(recipe.data["source"], recipe.base_dir())
+        params = runtime.build_params(recipe.data, recipe.base_dir(), source)  # resolves the calibration file too
         assert recipe.runtime == "itrex" and params["inc"]["quant_lm_head"] is False
         if path.name.startswith("phi35-"):
             algorithms.add(recipe.data["quantization"]["algorithm"])
