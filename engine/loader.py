@@ -8,6 +8,7 @@ from typing import Any
 from .discovery import get_runtime
 from .errors import BackendFailed, EngineError, VerificationFailed
 from .paths import resolve
+from .quiet import captured
 from .registry import Registry
 from .runtime import Model
 from .store import Store
@@ -19,7 +20,8 @@ def load(ref: str, *, verify: bool = False, registry: str | Path | None = None,
     """Load variant NAME (latest version) or NAME@VERSION.
 
     verify=True re-hashes every file against the registry first and refuses on any difference.
-    Extra keyword options go to the runtime's loader (each runtime lists its load_options).
+    Extra keyword options go to the runtime's loader (each runtime lists its load_options). What the
+    backend's libraries print while loading goes to <store>/logs/load.log.
     """
     locations = resolve(registry, store)
     reg = Registry(locations.registry)
@@ -42,7 +44,8 @@ def load(ref: str, *, verify: bool = False, registry: str | Path | None = None,
     record = replace(record, artifact_dir=str(artifact_dir))
     runtime = get_runtime(record.runtime)
     try:
-        return runtime.load(artifact_dir, record, **options)
+        with captured(locations.store / "logs" / "load.log"):  # import and load chatter: the log, not the user
+            return runtime.load(artifact_dir, record, **options)
     except EngineError:
         raise
     except Exception as error:  # the backend's failure: one message, never its traceback
