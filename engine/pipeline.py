@@ -145,11 +145,19 @@ def _build(plan: Plan, store: Store, ran: list[StepRecord], progress: Progress, 
                                   lambda line: progress(line, True))
         progress(f"checking the {plan.runtime.name} artifact runs (one forward pass, one token)", False)
         _prove_it_runs(plan, stage.files_dir, source_dir)
-        weights = summarize(plan.runtime.weight_precisions(stage.files_dir))
-        return {"runtime": plan.runtime.name, "recipe": plan.recipe.name, **meta,
-                **({"weights": weights} if weights else {})}
+        return {"runtime": plan.runtime.name, "recipe": plan.recipe.name, **meta, **_weights(plan, stage.files_dir)}
 
     return run_step(store, step, work, ran, progress, force=force, message=f"building {step.detail}")
+
+
+def _weights(plan: Plan, files_dir: Path) -> dict:
+    """{"weights": what each module kind became} read from the artifact; a reader that cannot read
+    it says so in the build facts (`engine show`) rather than failing a build that runs."""
+    try:
+        weights = summarize(plan.runtime.weight_precisions(files_dir))
+    except Exception as error:  # noqa: BLE001 - recorded, visible in `engine show`
+        return {"weights_unread": f"{type(error).__name__}: {error}"[:300]}
+    return {"weights": weights} if weights else {}
 
 
 def _prove_it_runs(plan: Plan, files_dir: Path, source_dir: Path) -> None:
