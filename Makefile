@@ -12,9 +12,10 @@ $(VENV)/.installed: pyproject.toml
 
 # The demo needs one runtime (onnxruntime-genai, which brings torch + transformers for the source
 # pass): the others, and the ones that compile, are for `make test`.
+# --no-compile: Python compiles what the demo imports on first use, not all of torch up front.
 $(VENV)/.demo-installed: pyproject.toml
 	python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet -e '.[ortgenai]'
+	$(PY) -m pip install --quiet --no-compile -e '.[ortgenai]'
 	touch $@
 
 .PHONY: install demo test
