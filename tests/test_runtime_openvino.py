@@ -302,10 +302,12 @@ def test_skip_module_that_matches_nothing_is_refused_before_export(built, tmp_pa
 
 def test_build_params_key_ignores_load_time_settings(tmp_path):
     from engine.runtimes.openvino import OpenVINORuntime
+    from engine.sources import source_from_recipe
 
     def params(options: str, quantization: str = INT4[0]) -> dict:
         recipe = load_recipe(write(tmp_path, "k", quantization, options))
-        p = OpenVINORuntime().build_params(recipe.data, recipe.base_dir())
+        source = source_from_recipe(recipe.data["source"], recipe.base_dir())  # build_params takes it since d4537af
+        p = OpenVINORuntime().build_params(recipe.data, recipe.base_dir(), source)
         return {k: v for k, v in p.items() if not k.startswith("_")}
 
     base = params("{}")
