@@ -45,6 +45,8 @@ def method_letters(scores_list: Iterable[Mapping[str, Any]],
     out: dict[str, dict[str | None, str]] = {}
     for metric in metrics:
         scores = [score for score in (s.get(metric) for s in rows) if score is not None]
+        if len({score.get("method_id") for score in scores}) < 2:  # one method at most: nothing to tell apart
+            continue
         ids = sorted({score.get("method_id") for score in scores if present(score)}, key=str)
         if len(ids) > 1:
             out[metric] = {mid: chr(ord("a") + i) for i, mid in enumerate(ids)}
