@@ -1,6 +1,6 @@
 """Engine overhead against the backend called directly, measured in one run (ratios, not absolutes).
 
-    python benchmarks/overhead.py [MODEL_DIR]     # default: ../shared/data/models/wt2-phi3-7m
+    python benchmarks/overhead.py [MODEL_DIR]     # default: models/wt2-phi3-7m (ships with the repository)
 
 Prints, for onnxruntime-genai int4: build through `engine apply` vs the builder run by hand,
 decode tokens/s through engine.load(...).generate vs onnxruntime_genai's own loop, and the wall
@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MODEL = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT.parent / "shared" / "data" / "models" / "wt2-phi3-7m"
+MODEL = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "models" / "wt2-phi3-7m"
 PROMPT, NEW = "The history of the", 128
 
 

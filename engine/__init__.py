@@ -18,8 +18,8 @@ __all__ = ["load", "apply", "verify", "gc", "load_recipe", "load_recipes", "make
            "Runtime", "Model", "EngineError", "__version__"]
 
 if TYPE_CHECKING:
-    from .errors import EngineError
     from .collect import gc
+    from .errors import EngineError
     from .loader import load
     from .pipeline import apply
     from .plan import make_plan

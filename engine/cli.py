@@ -141,14 +141,19 @@ def _print_applied(result) -> None:
 
 
 def _progress(name: str):
-    """Step lines on stderr (the tools' own output only on a terminal, where it replaces itself)."""
-    live = sys.stderr.isatty()
+    """Step lines on stderr (the tools' own output only on a terminal, where it replaces itself).
+
+    Written to the real stderr (engine.quiet.terminal): a step sends fds 1 and 2 to its log."""
+    from .quiet import terminal
+
+    err = terminal(2)
+    live = err.isatty()
 
     def update(message: str, detail: bool = False) -> None:
         if live:
-            click.echo(f"\r\033[K{name}: {message}"[:160], nl=False, err=True)
+            click.echo(f"\r\033[K{name}: {message}"[:160], nl=False, file=err)
         elif not detail:
-            click.echo(f"{name}: {message}", err=True)
+            click.echo(f"{name}: {message}", file=err)
 
     return update
 
@@ -183,13 +188,37 @@ def _settings(max_new_tokens, temperature, top_p, top_k, seed, sample, stop) -> 
 def run(loc: Locations, ref: str, prompt: str, as_chat: bool, **options) -> None:
     """Stream the model's answer to PROMPT."""
     from .loader import load
+    from .quiet import captured, terminal
 
-    model = load(ref, registry=loc.registry, store=loc.store)
-    text = [{"role": "user", "content": prompt}] if as_chat else prompt
-    for piece in model.stream(text, **_settings(**options)):
-        click.echo(piece, nl=False)
-        sys.stdout.flush()
-    click.echo()
+    out = terminal(1)  # only the answer reaches stdout; the libraries' output goes to the store's log
+    with captured(loc.store / "logs" / "run.log") as log:
+        model = load(ref, registry=loc.registry, store=loc.store)
+        text = [{"role": "user", "content": prompt}] if as_chat else prompt
+        with _backend_errors(model, log):
+            for piece in model.stream(text, **_settings(**options)):
+                out.write(piece)
+                out.flush()
+    out.write("\n")
+    out.flush()
+
+
+class _backend_errors:
+    """A backend's exception while generating: one message naming the runtime and the log."""
+
+    def __init__(self, model, log) -> None:
+        self.model, self.log = model, log
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        from .errors import BackendFailed
+
+        if exc is None or isinstance(exc, (EngineError, KeyboardInterrupt, click.exceptions.Exit)):
+            return False
+        said = " ".join(str(exc).split())[:400] or exc_type.__name__
+        raise BackendFailed(f"{self.model.info.runtime} failed while generating with {self.model.name}: {said}",
+                            hint=f"the library's own output is in {self.log}") from exc
 
 
 @cli.command()
@@ -200,8 +229,11 @@ def run(loc: Locations, ref: str, prompt: str, as_chat: bool, **options) -> None
 def chat(loc: Locations, ref: str, system: str | None, **options) -> None:
     """Talk to a variant in the terminal (its chat template; history kept; Ctrl-D or Ctrl-C ends)."""
     from .loader import load
+    from .quiet import captured, terminal
 
-    model = load(ref, registry=loc.registry, store=loc.store)
+    out, log = terminal(1), loc.store / "logs" / "run.log"  # libraries' output: the log, as in `engine run`
+    with captured(log):
+        model = load(ref, registry=loc.registry, store=loc.store)
     model.apply_chat_template([{"role": "user", "content": ""}])  # no template: say so before the first prompt
     history = [{"role": "system", "content": system}] if system else []
     settings = _settings(**options)
@@ -217,36 +249,68 @@ def chat(loc: Locations, ref: str, system: str | None, **options) -> None:
         history.append({"role": "user", "content": line})
         answer = []
         try:
-            for piece in model.stream(history, **settings):
-                answer.append(piece)
-                click.echo(piece, nl=False)
-                sys.stdout.flush()
+            with captured(log), _backend_errors(model, log):
+                for piece in model.stream(history, **settings):
+                    answer.append(piece)
+                    out.write(piece)
+                    out.flush()
         except KeyboardInterrupt:  # stop this answer, keep the conversation
             pass
-        click.echo()
+        out.write("\n")
+        out.flush()
         history.append({"role": "assistant", "content": "".join(answer)})
 
 
+#: above this many rows `engine ls` prints plain aligned text even on a terminal (rich is slow there)
+_RICH_ROWS = 200
+
+
 @cli.command("ls")
+@click.argument("patterns", nargs=-1)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output (stable keys).")
 @click.option("--all", "all_versions", is_flag=True, help="Every version, not only the latest.")
+@click.option("--runtime", help="Only variants of this runtime.")
+@click.option("--dtype", help="Only variants of this weight dtype (int4, int8, nf4, ...).")
+@click.option("--sort", type=click.Choice(["name", "size", "ppl", "kl", "created"]), default="name",
+              show_default=True, help="Order (size, ppl, kl: smallest first; created: newest first).")
+@click.option("--limit", type=click.IntRange(1), help="At most this many rows.")
 @click.pass_obj
-def ls_cmd(loc: Locations, as_json: bool, all_versions: bool) -> None:
-    """List the registered variants."""
-    from .catalog import list_variants
-    from .render import ls_row, ls_table
+def ls_cmd(loc: Locations, patterns: tuple[str, ...], as_json: bool, all_versions: bool, runtime: str | None,
+           dtype: str | None, sort: str, limit: int | None) -> None:
+    """List the registered variants; PATTERNS select names (shell wildcards, e.g. 'wt2-*').
 
-    listed = list_variants(loc, all_versions=all_versions)
-    if as_json:
-        click.echo(json.dumps([ls_row(v, s) for v, s in listed], indent=2))
-    elif not listed:
-        click.echo(f"no variants in {loc.registry}; run `engine apply RECIPE.yaml`", err=True)
-    else:
-        table, notes = ls_table([v for v, _ in listed], [s for _, s in listed])
+    A table on a terminal; plain aligned columns when piped or longer than 200 rows.
+    """
+    from .catalog import list_variants, score_methods
+    from .render import ls_cells, ls_row, ls_text
+
+    listed = list_variants(loc, all_versions=all_versions, patterns=patterns, runtime=runtime, dtype=dtype,
+                           sort=sort, limit=limit)
+    if as_json:  # one row per line: json's C encoder (indent= would use the slow pure-Python one)
+        click.echo("[\n" + ",\n".join(json.dumps(ls_row(v)) for v in listed) + ("\n]" if listed else "]"))
+        return
+    if not listed:
+        what = "matching variants" if patterns or runtime or dtype else "variants"
+        click.echo(f"no {what} in {loc.registry}" + ("" if what != "variants" else "; run `engine apply RECIPE.yaml`"),
+                   err=True)
+        return
+    scored = [v.scores for v in listed]
+    headers, cells, notes = ls_cells(listed, scored)
+    if notes:  # values of different methods: the footnotes say which method each letter is
+        ids = {s[m]["method_id"] for s in scored for m in s}
+        headers, cells, notes = ls_cells(listed, scored, score_methods(ids, loc))
+    if sys.stdout.isatty() and len(listed) <= _RICH_ROWS:
+        from .render import ls_table
+
+        table, _ = ls_table(listed, scored)
         console = _console()
         console.print(table)
         for note in notes:
             console.print(note)
+        return
+    click.echo(ls_text(headers, cells))
+    for note in notes:
+        click.echo(note)
 
 
 @cli.command()

@@ -18,8 +18,9 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def diff_variants(a: VariantRecord, b: VariantRecord, files_a: list[dict], files_b: list[dict],
-                  scores_a: dict, scores_b: dict) -> dict:
-    """A JSON-able comparison; a delta only for scores `engine.comparability` calls comparable."""
+                  scores_a: dict, scores_b: dict, weights_a: dict | None = None, weights_b: dict | None = None) -> dict:
+    """A JSON-able comparison; a delta only for scores `engine.comparability` calls comparable.
+    `weights_*`: each artifact's precision summary (engine.precision), compared per module kind."""
     ra, rb = _flatten(a.recipe), _flatten(b.recipe)
     recipe = [{"field": k, "a": ra.get(k), "b": rb.get(k)} for k in sorted(set(ra) | set(rb)) if ra.get(k) != rb.get(k)]
     fa, fb = {f["path"]: f for f in files_a}, {f["path"]: f for f in files_b}
@@ -35,9 +36,16 @@ def diff_variants(a: VariantRecord, b: VariantRecord, files_a: list[dict], files
         same = comparable(sa, sb)
         scores.append({"metric": metric, "unit": (sa or sb)["unit"], "a": sa and sa["value"], "b": sb and sb["value"],
                        "delta": (sb["value"] - sa["value"]) if same else None, "comparable": same})
+    weights = []
+    if weights_a or weights_b:
+        from .precision import KINDS, describe
+
+        weights = [{"kind": k, "a": describe(weights_a or {}, k), "b": describe(weights_b or {}, k),
+                    "same": (weights_a or {}).get(k) == (weights_b or {}).get(k)}
+                   for k in KINDS if k in (weights_a or {}) or k in (weights_b or {})]
     return {"a": a.ref, "b": b.ref,
             "same_artifact": a.artifact_key == b.artifact_key, "recipe": recipe, "files": files,
-            "scores": scores}
+            "weights": weights, "scores": scores}
 
 
 def diff_text(doc: dict) -> list:
@@ -55,6 +63,13 @@ def diff_text(doc: dict) -> list:
                  + "".join(f"\n  differ: {p}" for p in f["changed"])
                  + "".join(f"\n  only in {doc['a']}: {p}" for p in f["only_a"])
                  + "".join(f"\n  only in {doc['b']}: {p}" for p in f["only_b"]))
+    if doc.get("weights"):
+        weights = Table(title="weights as built", box=None, header_style="bold", title_justify="left")
+        for col in ("module kind", doc["a"], doc["b"], ""):
+            weights.add_column(col)
+        for row in doc["weights"]:
+            weights.add_row(row["kind"], row["a"], row["b"], "" if row["same"] else "differs")
+        parts.append(weights)
     if doc["scores"]:
         scores = Table(title="scores", box=None, header_style="bold", title_justify="left")
         for col in ("metric", doc["a"], doc["b"], "b - a"):

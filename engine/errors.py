@@ -159,3 +159,5 @@ def store_error(path, error: OSError) -> StoreUnavailable:
                                 hint=f"free space, or point ENGINE_STORE / --store at another disk (store: {path})")
     return StoreUnavailable(f"cannot write the store: {where} ({text}); nothing was registered",
                             hint=f"make {path} writable, or point ENGINE_STORE / --store at a writable folder")
+class BackendFailed(EngineError, RuntimeError):
+    """A runtime's library failed to load or run a registered artifact (its own words, once)."""

@@ -6,8 +6,9 @@ from pathlib import Path
 from typing import Any
 
 from .discovery import get_runtime
-from .errors import RegistryNotFound, VerificationFailed
+from .errors import BackendFailed, EngineError, RegistryNotFound, VerificationFailed
 from .paths import resolve
+from .quiet import captured
 from .registry import Registry
 from .runtime import Model
 from .store import Store
@@ -19,7 +20,8 @@ def load(ref: str, *, verify: bool = False, registry: str | Path | None = None,
     """Load variant NAME (latest version) or NAME@VERSION.
 
     verify=True re-hashes every file against the registry first and refuses on any difference.
-    Extra keyword options go to the runtime's loader (each runtime lists its load_options).
+    Extra keyword options go to the runtime's loader (each runtime lists its load_options). What the
+    backend's libraries print while loading goes to <store>/logs/load.log.
     """
     locations = resolve(registry, store)
     if not locations.registry.exists():
@@ -43,4 +45,14 @@ def load(ref: str, *, verify: bool = False, registry: str | Path | None = None,
         raise VerificationFailed(f"{record.ref}: artifact folder is missing: {artifact_dir}",
                                  [str(artifact_dir)], hint="re-apply its recipe to rebuild it")
     record = replace(record, artifact_dir=str(artifact_dir))
-    return get_runtime(record.runtime).load(artifact_dir, record, **options)
+    runtime = get_runtime(record.runtime)
+    try:
+        with captured(locations.store / "logs" / "load.log"):  # import and load chatter: the log, not the user
+            return runtime.load(artifact_dir, record, **options)
+    except EngineError:
+        raise
+    except Exception as error:  # the backend's failure: one message, never its traceback
+        said = " ".join(str(error).split())[:400] or type(error).__name__
+        raise BackendFailed(f"{runtime.name} could not load {record.ref}: {said}",
+                            hint=f"`engine verify {record.ref}` checks its files; re-apply its recipe with "
+                                 "--force to rebuild it") from error

@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import __version__
-from .errors import ArtifactVanished, EngineError, SourceChanged, store_error
+from .errors import ArtifactVanished, BuildFailed, EngineError, SourceChanged, store_error
 from .evaluation import compute_reference, evaluate_variant
 from .paths import Locations, resolve
 from .plan import Plan, make_plan, source_key
+from .precision import summarize
 from .recipe import Recipe, load_recipes
 from .recipe.matrix import Skipped
 from .records import StepRecord, VariantRecord
@@ -164,9 +165,42 @@ def _build(plan: Plan, store: Store, ran: list[StepRecord], progress: Progress, 
         meta = plan.runtime.build(source_dir, stage.files_dir, step.inputs, stage.logs_dir,
                                   lambda line: progress(line, True))
         _check_unchanged(plan.source_type, plan.steps[0].key, store)
-        return {"runtime": plan.runtime.name, "recipe": plan.recipe.name, **meta}
+        progress(f"checking the {plan.runtime.name} artifact runs (one forward pass, one token)", False)
+        _prove_it_runs(plan, stage.files_dir, source_dir)
+        return {"runtime": plan.runtime.name, "recipe": plan.recipe.name, **meta, **_weights(plan, stage.files_dir)}
 
     return run_step(store, step, work, ran, progress, force=force, message=f"building {step.detail}")
+
+
+def _weights(plan: Plan, files_dir: Path) -> dict:
+    """{"weights": what each module kind became} read from the artifact; a reader that cannot read
+    it says so in the build facts (`engine show`) rather than failing a build that runs."""
+    try:
+        weights = summarize(plan.runtime.weight_precisions(files_dir))
+    except Exception as error:  # noqa: BLE001 - recorded, visible in `engine show`
+        return {"weights_unread": f"{type(error).__name__}: {error}"[:300]}
+    return {"weights": weights} if weights else {}
+
+
+def _prove_it_runs(plan: Plan, files_dir: Path, source_dir: Path) -> None:
+    """Load the new artifact with its runtime, as engine.load will, and compute one forward pass and
+    one generated token: an artifact that cannot run is a failed build, never a registered variant."""
+    from .runtime import Model, Sampling
+
+    info = VariantRecord(plan.recipe.name, 0, plan.runtime.name, recipe=plan.recipe.data,
+                         artifact_dir=str(files_dir))
+    try:
+        model = plan.runtime.load(files_dir, info)
+        ids = model.encode("The history of") or [0]
+        if type(model).logits is not Model.logits:  # a runtime that cannot give logits still generates
+            model.logits(ids)
+        next(iter(model.stream_ids(ids, Sampling(max_new_tokens=1))), None)
+    except EngineError:
+        raise
+    except Exception as error:  # the backend's own failure: its words, once, and what to do
+        said = " ".join(str(error).split())[:400] or type(error).__name__
+        raise BuildFailed(f"{plan.runtime.name} built {plan.recipe.name} but cannot run it: {said}",
+                          hint=plan.runtime.run_failure_hint(said, source_dir)) from None
 
 
 def _evaluate(plan: Plan, store: Store, artifact: Entry, ran: list[StepRecord], progress: Progress,

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, TypedDict
+from typing import Any, NamedTuple, TypedDict
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,28 @@ class ScoreRecord(TypedDict):
     versions: dict
     engine_version: str
     created: str
+
+
+class ListedVariant(NamedTuple):
+    """One row of `engine ls`: the variant's summary columns and its scores, read in two queries for
+    the whole registry (no recipe decoded; a tuple: 10,000 are made per listing). `scores[metric]` =
+    {value, unit, method_id}."""
+
+    name: str
+    version: int
+    runtime: str
+    device: str
+    weight_dtype: str | None
+    group_size: int | None
+    scheme: str | None
+    algorithm: str | None
+    size_bytes: int | None
+    created: str
+    description: str
+    source_kind: str
+    artifact_key: str
+    source: Any
+    scores: dict
 
 
 @dataclass(frozen=True)

@@ -17,13 +17,13 @@ import sqlite3
 import time
 from collections.abc import Iterator
 from functools import cached_property
-from urllib.parse import quote
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from .errors import EngineError, VariantNotFound, registry_error
-from .records import ScoreRecord, StepRecord, VariantRecord
-from .registry_schema import MIGRATION_NAMES, MIGRATION_SET
+from .records import ListedVariant, ScoreRecord, StepRecord, VariantRecord
+from .registry_schema import LISTING_COLUMNS, MIGRATION_NAMES, MIGRATION_SET
 
 _REF = re.compile(r"^(?P<name>[a-z0-9][a-z0-9._-]*)(?:@(?P<version>[0-9]+))?$")
 
@@ -168,6 +168,34 @@ class Registry:
             rows = list(latest.values())
         return [VariantRecord.from_row(row) for row in rows]
 
+    def listing(self, *, all_versions: bool = False, runtime: str | None = None,
+                dtype: str | None = None) -> list[ListedVariant]:
+        """What `engine ls` shows, for every variant (latest versions unless all_versions), ordered by
+        name and version: two queries over covering indexes (m003), no recipe read or decoded."""
+        rows = self.conn.execute(f"select {', '.join(LISTING_COLUMNS)} from variants indexed by variants_listing"
+                                 " order by name, version").fetchall()
+        if not all_versions:  # ordered by name, version: the last row of each name is its latest
+            rows = [row for row, after in zip(rows, [*rows[1:], None]) if after is None or after[0] != row[0]]
+        if runtime or dtype:  # after choosing the latest: a filter never resurrects an older version
+            rows = [row for row in rows if (not runtime or row[2] == runtime) and (not dtype or row[4] == dtype)]
+        scores: dict[str, dict] = {}
+        for eval_key, metric, value, unit, method_id in self.conn.execute(
+                "select eval_key, metric, value, unit, method_id from scores indexed by scores_listing"):
+            scores.setdefault(eval_key, {})[metric] = {"value": value, "unit": unit, "method_id": method_id}
+        identities: dict[str | None, Any] = {}  # variants of one source share its identity: decode it once
+        for row in rows:
+            if row[13] not in identities:
+                identities[row[13]] = _identity(row[13])
+        return [ListedVariant._make((*row[:13], identities[row[13]], scores.get(row[14], {}))) for row in rows]
+
+    def methods(self, method_ids: set[str]) -> dict[str, dict]:
+        """method_id -> the method it stands for (what `engine ls` footnotes print)."""
+        out = {}
+        for mid in method_ids:
+            row = self.conn.execute("select method_json from scores where method_id = ? limit 1", [mid]).fetchone()
+            out[mid] = json.loads(row[0]) if row else {}
+        return out
+
     def files(self, artifact_key: str) -> list[dict]:
         return (self.query(
             "select path, size, sha256 from files where artifact_key = ? order by path", [artifact_key]))
@@ -244,6 +272,7 @@ class Registry:
                 "source_kind": source["kind"],
                 "source_key": source["key"],
                 "source_json": json.dumps(source, sort_keys=True),
+                "source_identity": json.dumps(source.get("identity"), sort_keys=True),
                 "artifact_key": artifact["key"],
                 "size_bytes": artifact["size_bytes"],
                 "engine_version": engine_version,
@@ -348,6 +377,13 @@ def _behaviour(recipe_json: dict) -> dict:
     doc = {k: v for k, v in recipe_json.items() if k not in ("description", "eval", "source")}
     doc["quantization"] = {k: v for k, v in doc.get("quantization", {}).items() if k != "calibration"}
     return doc
+
+
+def _identity(text: str | None) -> Any:
+    """json_extract gives a JSON object as text and a string as the string itself."""
+    if text is None or text[:1] not in ("{", "["):
+        return text
+    return json.loads(text)
 
 
 def _dict_row(cursor: sqlite3.Cursor, row: tuple) -> dict:

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # engine.runtime is not needed to list variants
+    from .runtime import Section
 
 from .comparability import method_letters
 from .records import StepRecord, VariantRecord
-from .runtime import Section
 
 #: keys of `engine ls --json` rows, in order; adding keys is fine, renaming is a breaking change
 LS_KEYS = ("name", "version", "runtime", "device", "weight_dtype", "group_size", "scheme",
@@ -30,9 +32,12 @@ HEADLINE = (("perplexity", "ppl", "{:.2f}"), ("kl_divergence", "KL", "{:.2e}"),
             ("decode_tokens_per_s", "tok/s", "{:.0f}"))
 
 
-def ls_row(row: VariantRecord, scores: dict | None = None) -> dict:
+def ls_row(row: Any, scores: dict | None = None) -> dict:
+    """One `engine ls --json` row from a ListedVariant (its own scores) or a VariantRecord + scores."""
     out = {key: getattr(row, key) for key in LS_KEYS}
-    out["source"] = row.source.get("identity") if row.source else None
+    source = getattr(row, "source", None)
+    out["source"] = source.get("identity") if isinstance(source, dict) and "identity" in source else source
+    scores = getattr(row, "scores", None) if scores is None else scores
     out["scores"] = {m: {"value": s["value"], "unit": s["unit"], "method_id": s["method_id"]}
                      for m, s in (scores or {}).items()}
     return out
@@ -66,39 +71,68 @@ def show_doc(row: VariantRecord, files: list[dict], steps: list[StepRecord], sco
     return doc
 
 
-def ls_table(rows: list[VariantRecord], scored: list[dict]):
-    """The variants with their headline scores; returns (table, footnotes)."""
-    from rich.table import Table
+LS_COLUMNS = ("name", "ver", "runtime", "device", "dtype", "group", "scheme", "algo", "size")
+_RIGHT = {"ver", "group", "size"}
 
+
+def ls_cells(rows: list[Any], scored: list[dict], methods: dict[str, dict] | None = None
+             ) -> tuple[list[str], list[list[str]], list[str]]:
+    """(headers, cells, footnotes) of `engine ls`: the variants with their headline scores.
+
+    `methods` maps method_id -> method for the footnotes, where the scores do not carry theirs.
+    """
     tags = method_letters(scored, [m for m, _, _ in HEADLINE])  # values of different methods: (a), (b)
     shown = [(m, title, fmt) for m, title, fmt in HEADLINE if any(m in s for s in scored)]
-    table = Table(box=None, header_style="bold")
-    for col in ("name", "ver", "runtime", "device", "dtype", "group", "scheme", "algo", "size"):
-        table.add_column(col, justify="right" if col in ("ver", "group", "size") else "left")
-    for _, title, _ in shown:
-        table.add_column(title, justify="right")
-    table.add_column("created")
-    for r, scores in zip(rows, scored):
-        group = "-" if r.weight_dtype in ("fp16", "bf16", "fp32") else str(r.group_size)
-        cells = []
-        for metric, _, fmt in shown:
+    headers = [*LS_COLUMNS, *(title for _, title, _ in shown), "created"]
+    plan = [(metric, fmt.format, tags.get(metric, {})) for metric, _, fmt in shown]
+    low = ("fp16", "bf16", "fp32")
+    cells = []
+    for r, scores in zip(rows, scored):  # 10,000 rows must take well under 0.1 s: keep this loop plain
+        values = []
+        for metric, fmt, tagged in plan:
             score = scores.get(metric)
-            tag = tags.get(metric, {}).get(score["method_id"], "") if score else ""
-            cells.append(fmt.format(score["value"]) + (f" ({tag})" if tag else "") if score else "-")
-        table.add_row(r.name, str(r.version), r.runtime, r.device, r.weight_dtype or "-",
-                      group, r.scheme or "-", r.algorithm or "-", human_size(r.size_bytes), *cells,
-                      (r.created or "").replace("T", " ").rstrip("Z")[:16])
+            if score is None:
+                values.append("-")
+            else:
+                tag = tagged.get(score["method_id"]) if tagged else None
+                values.append(f"{fmt(score['value'])} ({tag})" if tag else fmt(score["value"]))
+        cells.append([r.name, str(r.version), r.runtime, r.device, r.weight_dtype or "-",
+                      "-" if r.weight_dtype in low else str(r.group_size), r.scheme or "-", r.algorithm or "-",
+                      human_size(r.size_bytes), *values, (r.created or "").replace("T", " ").rstrip("Z")[:16]])
     notes = []
     for metric, letters in tags.items():
-        methods = {s[metric]["method_id"]: s[metric]["method"] for s in scored if metric in s}
-        described = "; ".join(f"({letter}) {_method_text(methods[mid])}" for mid, letter in letters.items())
+        found = {s[metric]["method_id"]: s[metric].get("method") for s in scored if metric in s}
+        described = "; ".join(f"({letter}) {_method_text(found.get(mid) or (methods or {}).get(mid) or {})}"
+                              for mid, letter in letters.items())
         notes.append(f"{metric}: not comparable across methods {described}")
+    return headers, cells, notes
+
+
+def ls_text(headers: list[str], cells: list[list[str]]) -> str:
+    """Plain aligned columns (pipes, long listings): one string, no terminal library involved."""
+    widths = [max(len(h), max(map(len, column), default=0)) for h, column in zip(headers, zip(*cells))] \
+        if cells else [len(h) for h in headers]
+    right = [h in _RIGHT or h in {t for _, t, _ in HEADLINE} for h in headers]
+    row_format = "  ".join(f"{{:{'>' if r else '<'}{w}}}" for w, r in zip(widths, right))
+    return "\n".join(row_format.format(*row).rstrip() for row in [headers, *cells])
+
+
+def ls_table(rows: list[Any], scored: list[dict], methods: dict[str, dict] | None = None):
+    """The variants as a rich table (for a terminal); returns (table, footnotes)."""
+    from rich.table import Table
+
+    headers, cells, notes = ls_cells(rows, scored, methods)
+    table = Table(box=None, header_style="bold")
+    for col in headers:
+        table.add_column(col, justify="right" if col in _RIGHT or col not in LS_COLUMNS + ("created",) else "left")
+    for row in cells:
+        table.add_row(*row)
     return table, notes
 
 
 #: build facts `engine show` leaves out of its summary (everything is in --json); a runtime hides more
 #: through Runtime.hidden_meta
-_HIDDEN_META = {"runtime", "recipe", "builder_args", "implementation", "api", "implementation_version"}
+_HIDDEN_META = {"runtime", "recipe", "builder_args", "implementation", "api", "implementation_version", "weights"}
 
 
 def _build_rows(meta: dict, hidden: set[str]) -> list[tuple[str, str]]:
@@ -136,6 +170,9 @@ def show_text(doc: dict) -> list:
         ("runtime", f"{doc['runtime']} on {doc['device']}"),
         ("quantization", json.dumps(doc["recipe"].get("quantization", {}), sort_keys=True)),
         ("target options", json.dumps(doc["recipe"]["target"].get("options", {}), sort_keys=True)),
+        ("defaults", ", ".join(f"{k.split('.', 1)[1]}={json.dumps(v)}" for k, v in doc.get("defaults", {}).items()
+                               if k != "target.options") + "  (not written in the recipe: the runtime's or schema's)"
+         if doc.get("defaults") else "-"),
         ("source", f"{source['kind']}: " + json.dumps(source["identity"], sort_keys=True)),
         ("recipe", f"{doc['recipe_path'] or '-'} (sha256 {doc['recipe_sha256'][:16]}…)"),
         ("artifact", f"{doc['artifact_key']}  {human_size(doc['size_bytes'])} in {len(doc['files'])} files"),
@@ -155,6 +192,18 @@ def show_text(doc: dict) -> list:
     for f in doc["files"]:
         files.add_row(f["path"], human_size(f["size"]), f["sha256"])
     parts = [head, steps, files]
+    weights = doc.get("build_meta", {}).get("weights")
+    if weights:  # read from the artifact at build time: what each kind of weight really became
+        from .precision import KINDS, describe
+
+        table = Table(title="weights as built (read from the artifact)", min_width=60, box=None, header_style="bold",
+                      title_justify="left")
+        table.add_column("module kind")
+        table.add_column("precision x tensors")
+        for kind in KINDS:
+            if kind in weights:
+                table.add_row(kind, describe(weights, kind))
+        parts.insert(1, table)
     for section in reversed(doc.get("sections", [])):  # the runtime's own tables, after the summary
         table = Table(title=section["title"], box=None, header_style="bold", title_justify="left")
         for col in section["columns"]:

@@ -27,6 +27,9 @@ from .textgen import GeneratedText, cut_at_stop, find_chat_template, render_chat
 
 Progress = Callable[[str], None]
 
+#: prompt tokens decoded before the new ones so the first new word keeps its leading space
+_CONTEXT = 4
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -74,6 +77,25 @@ class Model(ABC):
     def stream_ids(self, ids: list[int], sampling: Sampling) -> Iterator[int]:
         """Yield new token ids one by one as they are produced; stop at EOS or max_new_tokens."""
 
+    def decode_continuation(self, prompt_ids: list[int], new: list[int]) -> str:
+        """The text `new` adds after the prompt: decode(prompt + new) minus decode(prompt), as
+        transformers' text-generation pipeline does (return_full_text=False).
+
+        Decoding `new` alone is wrong for SentencePiece tokenizers (Llama, Mistral, Phi-3.5): they
+        drop the space of a sequence's first word, so "The history of the city" + "▁is" would read
+        "is", not " is". A few prompt tokens of context are enough; the whole prompt if they are not
+        (a multi-byte character split across the boundary).
+        """
+        if not new:
+            return ""
+        for context in (prompt_ids[-_CONTEXT:], prompt_ids):
+            before, text = self.decode(context), self.decode(context + new)
+            if text.startswith(before):
+                return text[len(before):]
+            if len(context) == len(prompt_ids):
+                break
+        return self.decode(new)
+
     def generate_ids(self, batch: list[list[int]], sampling: Sampling) -> list[list[int]]:
         """New token ids for each prompt. Runtimes that can batch override this."""
         return [list(self.stream_ids(ids, sampling)) for ids in batch]
@@ -105,7 +127,7 @@ class Model(ABC):
 
     def _finish(self, prompt_ids: list[int], new: list[int], stop: list[str], seconds: float) -> GeneratedText:
         cut = next((i for i, t in enumerate(new) if t in self.eos_token_ids), len(new))
-        text, stopped = cut_at_stop(self.decode(new[:cut]), stop)
+        text, stopped = cut_at_stop(self.decode_continuation(prompt_ids, new[:cut]), stop)
         reason = "stop" if stopped else "eos" if cut < len(new) else "length"
         return GeneratedText.make(text, prompt_tokens=len(prompt_ids), new_tokens=cut, seconds=seconds,
                                   finish_reason=reason)
@@ -122,7 +144,8 @@ class Model(ABC):
         text = self.apply_chat_template(prompt) if isinstance(prompt, list) else prompt
         sampling = Sampling(max_new_tokens, do_sample, temperature, top_p, top_k, repetition_penalty, seed)
         ids = self.encode(text)
-        yield from stream_text(self.stream_ids(ids, sampling), self.decode, self.eos_token_ids, stop or [])
+        yield from stream_text(self.stream_ids(ids, sampling), lambda new: self.decode_continuation(ids, new),
+                               self.eos_token_ids, stop or [])
 
     def chat(self, messages: list[dict], max_new_tokens: int = 256, **settings: Any) -> GeneratedText:
         """Answer the last message of a conversation, formatted with the model's own chat template."""
@@ -185,6 +208,13 @@ class Runtime(ABC):
     #: source formats it builds from (engine.sources.Source.format): "hf" folders; "gguf" files
     source_formats: tuple[str, ...] = ("hf",)
 
+    # -- what a recipe gets where it leaves a field out ------------------------------------------------
+    def defaults(self, recipe: dict) -> dict[str, Any]:
+        """Dotted recipe keys -> the value this runtime's backend recommends, filled where the recipe
+        leaves the key out (after the common schema's defaults, before the runtime's schema check).
+        `engine show` marks the values a recipe did not write."""
+        return {"quantization.compute_dtype": "fp32"}
+
     # -- the declaration as a JSON Schema ----------------------------------------------------------
     def schema_document(self) -> dict:
         """Constraints beyond the declaration (options, group sizes, hints): a JSON Schema over the
@@ -246,6 +276,19 @@ class Runtime(ABC):
             takes = ", ".join(f"{k} ({v})" for k, v in self.load_options.items()) or "no options"
             raise EngineError(f"unknown load option(s) for runtime '{self.name}': {', '.join(unknown)}",
                               hint=f"runtime '{self.name}' takes {takes}")
+
+    def run_failure_hint(self, message: str, source_dir: Path) -> str | None:
+        """A hint for an artifact that built but failed its first forward pass (`message`: the
+        backend's words). The default names the other installed runtimes."""
+        from .discovery import runtime_names
+
+        others = [n for n in runtime_names() if n != self.name]
+        return f"try another runtime ({', '.join(others)})" if others else None
+
+    def weight_precisions(self, artifact_dir: Path) -> list:
+        """What each weight tensor became, read from the artifact itself (engine.precision
+        WeightPrecision rows); recorded at build time for `engine show` and `engine diff`."""
+        return []
 
     # -- what `engine show` adds -------------------------------------------------------------------
     def show_sections(self, meta: dict) -> list[Section]:

@@ -3,7 +3,8 @@
 A step is reused when its key is in the store; otherwise, under the key's lock (a concurrent
 apply waits, then finds the entry), its work writes into a private staging folder that is hashed,
 given a manifest and published with one rename. A step that fails keeps its logs under
-`<store>/failed/` and names them in the error's hint.
+`<store>/failed/` and names them in the error's hint. While a step works, everything the libraries
+write to stdout/stderr goes to its logs/output.log (engine.quiet), never to the user's terminal.
 """
 from __future__ import annotations
 
@@ -14,8 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ENVIRONMENT_ERRNOS, EngineError, os_error_text, store_error
+from .quiet import captured
 from .records import StepRecord
 from .store import Entry, Staging, Store
+
+#: what the libraries a step runs in-process print (warnings, C++ log lines), beside the tools' build.log
+OUTPUT_LOG = "output.log"
 
 #: progress(message, detail): detail=True for a tool's own output lines (shown only live)
 Progress = Callable[[str, bool], None]
@@ -77,7 +82,8 @@ def _run_locked(store: Store, step: StepPlan, work: Work, ran: list[StepRecord],
         progress(message or f"{step.kind}: {step.detail}", False)
         with store.staging(step.key) as stage:
             try:
-                meta = work(stage) or {}
+                with captured(stage.logs_dir / OUTPUT_LOG):  # libraries' own output: the log, not the user
+                    meta = work(stage) or {}
             except EngineError as error:
                 if any(stage.logs_dir.iterdir()):
                     logs = f"full log: {_keep_failed_logs(store, stage.logs_dir, step.key)}"

@@ -15,6 +15,7 @@ import contextlib
 import ctypes
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -84,8 +85,7 @@ def run_logged(
             raise
         code = proc.wait()
     if code != 0:
-        tail = _tail(log_path, 15)
-        raise BuildFailed(f"{what} failed (exit {code}); last lines of its log:\n{tail}")
+        raise BuildFailed(f"{what} failed (exit {code}): {_last_words(log_path)}")
 
 
 def _pump(proc: subprocess.Popen, log, on_line: Callable[[str], None] | None) -> None:
@@ -102,9 +102,19 @@ def _pump(proc: subprocess.Popen, log, on_line: Callable[[str], None] | None) ->
                     on_line(line.decode("utf-8", "replace")[:200])
 
 
-def _tail(path: Path, lines: int) -> str:
-    data = path.read_bytes()[-8192:].decode("utf-8", "replace").replace("\r", "\n")
-    return "\n".join("    " + line for line in data.splitlines()[-lines:])
+#: the last line of a Python traceback: `ValueError: ...`, `onnxruntime.capi...Fail: ...`
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Fail|Failure|Interrupt|Exit)\b:?.*")
+
+
+def _last_words(path: Path, lines: int = 8) -> str:
+    """What a failed tool said last: its exception line when it died of a Python exception (the
+    traceback stays in the log the hint names), else the last lines of its log."""
+    data = path.read_bytes()[-16384:].decode("utf-8", "replace").replace("\r", "\n")
+    text = [line.rstrip() for line in data.splitlines() if line.strip()]
+    for line in reversed(text):
+        if _EXCEPTION_LINE.match(line.strip()):
+            return line.strip()[:500]
+    return "last lines of its log:\n" + "\n".join("    " + line for line in text[-lines:])
 
 
 # -- the build-job protocol ----------------------------------------------------------------------

@@ -11,11 +11,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from toyplugin import make_model, run, toy_env, unprivileged, write_recipe
 
 from engine.errors import BuildFailed
 from engine.steps import StepPlan, run_step
 from engine.store import Store
-from toyplugin import make_model, run, toy_env, unprivileged, write_recipe
 
 pytest.importorskip("safetensors")
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from toyplugin import make_model, run, start, toy_env, wait_for, write_recipe
 
 pytest.importorskip("safetensors")

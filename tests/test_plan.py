@@ -25,10 +25,15 @@ def fixed(dist: str) -> str:
 
 #: recipe name (in recipes/) -> (source key, build key)
 PINNED = {
+    # issue 16: demo-tiny-int4 leaves compute_dtype out, so it now gets onnxruntime-genai's CPU default
+    # (int8, accuracy level 4) instead of fp32 (level 1): a new build key, on purpose (CHANGELOG.md).
+    # Before: "ebef59a1dd2ff8e2ceb93b45c2731e1d0954a3fcca893fb20cef742f27c1bd4a".
     "demo-tiny-int4": ("8e6c0b1ed7697cf0d67bbadf04a07f448da23ac3e2af441b5ca9713fbe8b6434",
-                       "ebef59a1dd2ff8e2ceb93b45c2731e1d0954a3fcca893fb20cef742f27c1bd4a"),
+                       "004be891863d21a81fcbc5eb325644983bf8ba488a3a10b754cce6ca360721ae"),
+    # issue 16: the flagship recipe itself now says `compute_dtype: int8` (it said fp32): a new recipe,
+    # so a new key. Its old text still gives the old key (test_explicit_compute_dtype_keeps_its_key).
     "phi35-int4-cpu": ("9940801ecf65f008d09bdfbce9d5201e1e6f2cc41c2ac36c849e9f7d4fa8ba61",
-                       "df56deb848cdb9b2fc45d153f8e39e4bff29a8b29c1b6a055338c67e93ca1605"),
+                       "0231dfd4ad4a5adf721a6820bf9b565ce81adfa9bb4645937f4d12076474f968"),
     "phi35-int4-ov-awq": ("9940801ecf65f008d09bdfbce9d5201e1e6f2cc41c2ac36c849e9f7d4fa8ba61",
                           "a0f49a29afa335aa1bad9cda4232feb12d55ab03687ab3b2a421723aeef71588"),
     "phi35-int8-ov": ("9940801ecf65f008d09bdfbce9d5201e1e6f2cc41c2ac36c849e9f7d4fa8ba61",
@@ -77,6 +82,24 @@ eval:
         "eval": "2a859248237d5a801359fbe4ca5e43ca35ec431250c042cbdd32a00149dbd07d",
     }
     assert [s.status for s in plan.steps] == ["local", "missing", "missing", "missing"]
+
+
+def test_explicit_compute_dtype_keeps_its_key(tmp_path):
+    """The new onnxruntime-genai default changes keys only for recipes that leave compute_dtype out:
+    the flagship as it was written before issue 16 (compute_dtype: fp32) keeps its 0.1.0 key, and
+    leaving the field out is the same as writing the default (int8)."""
+    text = (ROOT / "recipes" / "phi35-int4-cpu.yaml").read_text()
+    store = Store(tmp_path / "store")
+    keys = {}
+    for value in ("fp32", "int8", None):
+        path = tmp_path / f"{value}.yaml"
+        path.write_text(text.replace("compute_dtype: int8", f"compute_dtype: {value}" if value else ""))
+        keys[value] = make_plan(load_recipe(path), store, versions=fixed).build.key
+    assert keys["fp32"] == "df56deb848cdb9b2fc45d153f8e39e4bff29a8b29c1b6a055338c67e93ca1605"
+    assert keys[None] == keys["int8"] == PINNED["phi35-int4-cpu"][1]
+    omitted = load_recipe(tmp_path / "None.yaml")
+    assert omitted.data["quantization"]["compute_dtype"] == "int8"
+    assert make_plan(omitted, store, versions=fixed).build.params["accuracy_level"] == 4
 
 
 def test_keys_follow_what_determines_the_artifact(tmp_path):

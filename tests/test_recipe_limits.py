@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from clirun import engine
 
 BASE = """source: {synthetic: {architecture: phi3, seed: 0}}

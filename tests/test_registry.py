@@ -79,8 +79,38 @@ def test_migrations_recorded_and_idempotent(tmp_path):
     assert migrations().pending(reg.db) == []
     names = [r[0] for r in sqlite3.connect(tmp_path / "registry.db").execute(
         "select name from _sqlite_migrations where migration_set = 'engine.registry'")]
-    assert names == ["m001_initial", "m002_scores"]
+    assert names == ["m001_initial", "m002_scores", "m003_listing"]
     assert tuple(m.name for m in migrations().pending(sqlite_utils.Database(memory=True))) == MIGRATION_NAMES
+
+
+def test_old_registry_upgrades_and_lists(tmp_path):
+    """A registry made before m003 (no source_identity, no listing indexes) upgrades in place."""
+    from sqlite_utils.migrations import Migrations
+
+    from engine.registry_schema import MIGRATION_SET, m001_initial, m002_scores
+
+    db = sqlite_utils.Database(tmp_path / "registry.db")
+    old = Migrations(MIGRATION_SET)  # the set as it was before m003
+    old()(m001_initial)
+    old()(m002_scores)
+    old.apply(db)
+    db["variants"].insert({"name": "old", "version": 1, "runtime": "itrex", "device": "cpu", "artifact_key": "k",
+                           "source_json": '{"identity": {"tree_digest": "t"}, "kind": "path"}', "recipe_json": "{}"})
+    db.close()
+    reg = Registry(tmp_path / "registry.db")
+    [listed] = reg.listing()
+    assert listed.name == "old" and listed.source == {"tree_digest": "t"} and listed.scores == {}
+
+
+def test_listing_latest_then_filters(tmp_path):
+    reg = Registry(tmp_path / "registry.db")
+    _register(reg)
+    _register(reg, key="b" * 64, group_size=128)
+    _register(reg, name="n", key="c" * 64)
+    assert [(v.name, v.version) for v in reg.listing()] == [("m", 2), ("n", 1)]
+    assert [(v.name, v.version) for v in reg.listing(all_versions=True)] == [("m", 1), ("m", 2), ("n", 1)]
+    assert reg.listing(runtime="openvino") == [] and len(reg.listing(dtype="int4")) == 2
+    assert reg.listing()[0].source == {"tree_digest": "t"} and reg.listing()[0].group_size == 128
 
 
 def test_records_are_typed_and_decoded_once(tmp_path):

@@ -22,7 +22,6 @@ except metadata.PackageNotFoundError:
     pytest.skip("the itrex runtime is not installed (engine[itrex])", allow_module_level=True)
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
 CALIBRATION = ROOT / "recipes" / "calibration" / "itrex-calib.txt"
 HEAVY = ("torch", "transformers", "neural_compressor", "numpy.linalg")
 
@@ -296,11 +295,8 @@ def test_example_recipes_validate():
     assert len(CALIBRATION.read_text().splitlines()) >= 60
 
 
-@pytest.mark.shared_data
 def test_trained_fixture_int8_stays_closest_to_the_source(tmp_path):
-    fixture, wiki = SHARED / "models" / "wt2-phi3-7m", SHARED / "wikitext-2" / "wiki.test.raw"
-    if not fixture.is_dir() or not wiki.is_file():
-        pytest.skip(f"needs {fixture} and {wiki} (../shared/data beside the project)")
+    fixture, wiki = ROOT / "models" / "wt2-phi3-7m", ROOT / "data" / "wikitext-2" / "wiki.test.head.raw"
     awq = tmp_path / "wt2-awq.yaml"
     awq.write_text(f"""\
 name: wt2-awq

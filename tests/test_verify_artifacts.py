@@ -7,7 +7,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from toyplugin import make_model, run, toy_env, unprivileged, write_recipe
 
 pytest.importorskip("safetensors")

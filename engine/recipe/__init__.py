@@ -14,8 +14,8 @@ from engine.errors import RecipeInvalid, RecipeIssue
 if TYPE_CHECKING:
     from engine.recipe.matrix import Skipped
 
-__all__ = ["Recipe", "RecipeInvalid", "RecipeIssue", "load_recipe", "load_recipes", "parse_recipe",
-           "parse_recipes"]
+__all__ = ["Recipe", "RecipeInvalid", "RecipeIssue", "defaulted_fields", "load_recipe", "load_recipes",
+           "parse_recipe", "parse_recipes"]
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,26 @@ class Recipe:
     def base_dir(self) -> Path:
         """Folder that relative paths in the recipe (source.path, calibration.dataset) resolve against."""
         return self.path.parent if self.path is not None else Path.cwd()
+
+
+def defaulted_fields(data: dict[str, Any], text: str) -> dict[str, Any]:
+    """The quantization and target fields of a validated recipe that its text did not write (so the
+    schema or the runtime filled them): dotted key -> value. A sweep's `matrix:` keys count as written."""
+    import yaml
+
+    try:
+        written = yaml.safe_load(text) or {}
+    except yaml.YAMLError:
+        return {}
+    swept = set((written.get("matrix") or {}) if isinstance(written, dict) else ())
+    out = {}
+    for section in ("quantization", "target"):
+        given = written.get(section) if isinstance(written, dict) else None
+        given = given if isinstance(given, dict) else {}
+        for key, value in (data.get(section) or {}).items():
+            if key not in given and f"{section}.{key}" not in swept:
+                out[f"{section}.{key}"] = value
+    return out
 
 
 def parse_recipe(text: str, filename: str = "<string>", path: Path | None = None) -> Recipe:

@@ -36,6 +36,7 @@ def validate(data: dict[str, Any], positions: dict[DocPath, Pos], filename: str)
         raise RecipeInvalid(issues)
     fill_defaults(load_schema("recipe"), data)
     runtime = data["target"]["runtime"]
+    fill_runtime_defaults(runtime, data)
     if runtime_schema(runtime) is not None:
         issues = _check(data, positions, filename, runtime)
         if issues:
@@ -51,6 +52,7 @@ def validate_stages(data: dict[str, Any], positions: dict[DocPath, Pos], filenam
         return common, []
     fill_defaults(load_schema("recipe"), data)
     runtime = data["target"]["runtime"]
+    fill_runtime_defaults(runtime, data)
     if runtime_schema(runtime) is None:
         return [], []
     return [], _check(data, positions, filename, runtime)
@@ -65,6 +67,20 @@ def fill_defaults(schema: dict[str, Any], instance: dict[str, Any]) -> None:
             instance[key] = copy.deepcopy(sub["default"])
         if isinstance(instance.get(key), dict) and "properties" in sub:
             fill_defaults(sub, instance[key])
+
+
+def fill_runtime_defaults(runtime: str, data: dict[str, Any]) -> None:
+    """Fill what the recipe leaves out with the runtime's recommended values (Runtime.defaults)."""
+    if runtime_schema(runtime) is None:  # unknown runtime: the common schema already said so
+        return
+    from engine.discovery import get_runtime
+
+    for dotted_key, value in get_runtime(runtime).defaults(data).items():
+        *parents, last = dotted_key.split(".")
+        node = data
+        for part in parents:
+            node = node.setdefault(part, {})
+        node.setdefault(last, copy.deepcopy(value))
 
 
 def _check(data: Any, positions: dict[DocPath, Pos], filename: str, runtime: str | None) -> list[RecipeIssue]:

@@ -16,6 +16,7 @@ Mapping (docs/itrex.md has the full table and what is refused):
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import sys
 from importlib import metadata
@@ -157,6 +158,37 @@ class ItrexRuntime(Runtime):
             **{k: v for k, v in result.items() if k not in ("format", "itrex")},
             "itrex": params["_itrex"],
         }
+
+    def weight_precisions(self, artifact_dir: Path) -> list:
+        """Read INC's packed modules: qconfig.json gives each quantized Linear's dtype, bits and
+        group; the other weights (embeddings, lm_head, skipped layers) are read from
+        quantized_weight.pt's tensors (memory-mapped, their dtype as stored)."""
+        import ast
+
+        import torch
+
+        from ..precision import WeightPrecision
+
+        out, quantized = [], set()
+        for key, algos in json.loads((artifact_dir / "qconfig.json").read_text(encoding="utf-8")).items():
+            try:
+                layer = ast.literal_eval(key)[0] if key.startswith("(") else key
+            except (ValueError, SyntaxError):
+                layer = key
+            config = next((v for v in algos.values() if isinstance(v, dict)), {}) if isinstance(algos, dict) else {}
+            dtype = config.get("dtype", "int")
+            if dtype == "fp32":  # a skipped layer: its weight is read below with the other floats
+                continue
+            quantized.add(layer)
+            group = config.get("group_size")
+            out.append(WeightPrecision(layer, f"int{config.get('bits', 4)}" if dtype == "int" else dtype,
+                                       group if isinstance(group, int) and group > 0 else None))
+        names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+        state = torch.load(artifact_dir / "quantized_weight.pt", weights_only=True, mmap=True)
+        for name, tensor in state.items():
+            if name.endswith(".weight") and tensor.dim() >= 2 and name[: -len(".weight")] not in quantized:
+                out.append(WeightPrecision(name, names.get(tensor.dtype, str(tensor.dtype).replace("torch.", ""))))
+        return out
 
     def open(self, artifact_dir: Path, info: Any, **options: Any) -> Model:
         """Options: num_threads (torch intra-op threads)."""

@@ -289,6 +289,27 @@ class OpenVINORuntime(Runtime):
                               hint="apply again: the new content gives a new key")
         return load_texts(params["_calibration"], base_dir)
 
+    def weight_precisions(self, artifact_dir: Path) -> list:
+        """Read the IR's XML (not its weights): each weight constant's element type (i4/u4: int4,
+        i8/u8: int8, nf4, f4e2m1, f16, f32) and, for a [out, groups, group] constant, its group size."""
+        import xml.etree.ElementTree as ET
+
+        from ..precision import WeightPrecision
+
+        names = {"i4": "int4", "u4": "int4", "i8": "int8", "u8": "int8", "nf4": "nf4", "f4e2m1": "mxfp4",
+                 "f16": "fp16", "bf16": "bf16", "f32": "fp32"}
+        out = []
+        for layer in ET.parse(artifact_dir / "openvino_model.xml").getroot().iter("layer"):
+            data, name = layer.find("data"), layer.get("name", "")
+            if layer.get("type") != "Const" or data is None or not name.endswith("weight"):
+                continue
+            shape = [int(x) for x in (data.get("shape") or "").split(",") if x.strip()]
+            kind = names.get(data.get("element_type", ""))
+            if kind and len(shape) >= 2:  # 1-d: norms and biases, not weights
+                grouped = len(shape) == 3 and kind not in ("fp16", "bf16", "fp32")
+                out.append(WeightPrecision(name, kind, shape[-1] if grouped else None))
+        return out
+
     def open(self, artifact_dir: Path, info: Any, **options: Any) -> Model:
         override = options.pop("ov_config", None)
         recipe = info.recipe
