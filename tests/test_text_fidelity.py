@@ -29,13 +29,16 @@ ROOT = Path(__file__).resolve().parents[1]
 MODELS = {"bpe": ROOT / "models" / "wt2-phi3-7m",
           "sentencepiece": ROOT.parent / "shared" / "data" / "models" / "wt2-llama-sp"}
 PROMPT, NEW = "The history of the city", 24
+#: llama.cpp's converter refuses this byte-level BPE tokenizer (docs/llamacpp.md): its SentencePiece case covers it
+CANNOT_CONVERT = {("bpe", "llama.cpp")}
 
 
 def _cases():
     for family in MODELS:
         marks = [pytest.mark.shared_data] if family == "sentencepiece" else []
         for runtime in ready_runtimes():
-            yield pytest.param((family, runtime), id=f"{family}-{runtime}", marks=marks)
+            if (family, runtime) not in CANNOT_CONVERT:
+                yield pytest.param((family, runtime), id=f"{family}-{runtime}", marks=marks)
 
 
 @pytest.fixture(scope="module")
