@@ -25,7 +25,7 @@ def main() -> int:
 
     import engine
     from engine.catalog import show
-    from engine.metrics import Window, nll, perplexity, scored_logprobs
+    from engine.metrics import recorded_windows_perplexity
     from engine.paths import resolve
 
     locations = resolve(args.registry, None)
@@ -37,18 +37,13 @@ def main() -> int:
     reference = json.loads(next(Path(locations.store).glob(f"*/{ref_step['key']}/files/reference.json")).read_text())
     folder = Path(engine.load(args.name, registry=args.registry).info.artifact_dir)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file="model.gguf", dtype=torch.float32)
-    total, count = 0.0, 0
-    for w in reference["windows"]:
-        window = Window(w["input_ids"], w["first_scored"])
-        with torch.no_grad():
-            logits = model(torch.tensor([window.input_ids])).logits[0].float().numpy()
-        total += nll(scored_logprobs(logits, window), window.targets)
-        count += len(window.targets)
-    theirs = perplexity(total, count)
+    with torch.no_grad():
+        theirs = recorded_windows_perplexity(
+            reference["windows"], lambda ids: model(torch.tensor([ids])).logits[0].float().numpy())
     ours = doc["scores"]["perplexity"]["value"]
     print(json.dumps({"variant": args.name, "engine_llama_cpp": round(ours, 3),
                       "transformers_gguf_loader": round(theirs, 3),
-                      "relative_difference": round(abs(ours - theirs) / theirs, 5), "scored_tokens": count}))
+                      "relative_difference": round(abs(ours - theirs) / theirs, 5), "scored_tokens": reference["scored_tokens"]}))
     return 0
 
 

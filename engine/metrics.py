@@ -75,3 +75,15 @@ def kl_and_top1(ref_logprobs: np.ndarray, logprobs: np.ndarray) -> tuple[float, 
 
 def perplexity(total_nll: float, count: int) -> float:
     return float(np.exp(total_nll / count)) if count else float("nan")
+
+
+def recorded_windows_perplexity(windows: list[dict], logits_of) -> float:
+    """Perplexity of `logits_of(input_ids)` over a reference pass's recorded windows
+    (reference.json's {"input_ids", "first_scored"}): the same tokens every variant is scored on,
+    for independent checks against another loader."""
+    total, count = 0.0, 0
+    for recorded in windows:
+        window = Window(recorded["input_ids"], recorded["first_scored"])
+        total += nll(scored_logprobs(logits_of(window.input_ids), window), window.targets)
+        count += len(window.targets)
+    return perplexity(total, count)
