@@ -53,3 +53,14 @@ def private_copy(folder: Path, tmp_path: Path) -> Path:
     target = tmp_path / "own"
     shutil.copytree(folder, target)
     return target
+
+
+def python_json(code: str, cwd: Path) -> dict:
+    """Run `code` in a fresh interpreter; it prints one JSON document on its last line."""
+    import json
+    import textwrap
+
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -5,34 +5,19 @@ the entry point and puts both folders on PYTHONPATH of the real CLI."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-
-PLUGINS = Path(__file__).resolve().parent / "plugins"
+from toyplugin import make_model, toy_env
 
 
 @pytest.fixture()
 def work(tmp_path: Path) -> tuple[Path, dict]:
-    site = tmp_path / "site"
-    dist = site / "toy_engine_runtime-0.1.dist-info"
-    dist.mkdir(parents=True)
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: toy-engine-runtime\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[engine.runtimes]\ntoy = toy_runtime:ToyRuntime\n")
-    model = tmp_path / "model"
-    model.mkdir()
-    np = pytest.importorskip("numpy")
-    from safetensors.numpy import save_file
-
-    rng = np.random.default_rng(0)
-    save_file({"a.weight": rng.standard_normal((4, 8)).astype(np.float32),
-               "b.weight": rng.standard_normal((2, 8)).astype(np.float32)}, str(model / "model.safetensors"))
-    (model / "config.json").write_text('{"model_type": "toy"}')
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PLUGINS), str(site), os.environ.get("PYTHONPATH", "")])}
-    return tmp_path, env
+    pytest.importorskip("safetensors")
+    make_model(tmp_path / "model")
+    return tmp_path, toy_env(tmp_path)
 
 
 def run(work: Path, env: dict, *args: str) -> subprocess.CompletedProcess:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from clirun import engine, private_copy
+from clirun import python_json as python
 
 try:
     metadata.version("neural-compressor-pt")
@@ -64,14 +65,6 @@ target:
     return path
 
 
-
-
-def python(code: str, cwd: Path) -> dict:
-    """Run `code` in a fresh interpreter; it prints one JSON document on its last line."""
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, capture_output=True, text=True,
-                          timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def apply_side_by_side(groups: list[list[str]], cwd: Path) -> str:

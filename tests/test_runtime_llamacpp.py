@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 from clirun import engine
+from clirun import python_json as python
 
 from engine.plan import make_plan
 from engine.recipe import load_recipe
@@ -60,13 +59,6 @@ def write(folder: Path, name: str, body: str) -> Path:
     path = folder / f"{name}.yaml"
     path.write_text(f"name: {name}\n" + textwrap.dedent(body))
     return path
-
-
-def python(code: str, cwd: Path) -> dict:
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, capture_output=True, text=True,
-                          timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 # -- fast: validation, planning, source keys ------------------------------------------------------
