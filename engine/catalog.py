@@ -5,7 +5,6 @@ import fnmatch
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from .discovery import UnknownRuntime, get_runtime
 from .errors import RegistryNotFound
 from .paths import Locations, resolve
 from .records import ListedVariant
@@ -67,6 +66,7 @@ def score_methods(method_ids: set[str], locations: Locations | None = None) -> d
 
 def show(ref: str, locations: Locations | None = None) -> dict[str, Any]:
     """Everything recorded about one variant, with what its runtime adds (engine show)."""
+    from .discovery import UnknownRuntime, get_runtime  # not at the top: `engine ls` never needs a runtime
     from .recipe import defaulted_fields
     from .render import show_doc
 

@@ -179,9 +179,13 @@ class Registry:
         if runtime or dtype:  # after choosing the latest: a filter never resurrects an older version
             rows = [row for row in rows if (not runtime or row[2] == runtime) and (not dtype or row[4] == dtype)]
         scores: dict[str, dict] = {}
-        for eval_key, metric, value, unit, method_id in self.conn.execute(
-                "select eval_key, metric, value, unit, method_id from scores indexed by scores_listing"):
-            scores.setdefault(eval_key, {})[metric] = {"value": value, "unit": unit, "method_id": method_id}
+        last, of_key = None, {}  # the index yields one eval_key's metrics together: no lookup per score
+        for eval_key, metric, value, unit, method_id in (self.conn.execute(
+                "select eval_key, metric, value, unit, method_id from scores indexed by scores_listing") if rows else ()):
+            if eval_key != last:
+                last = eval_key
+                of_key = scores[eval_key] = {}
+            of_key[metric] = {"value": value, "unit": unit, "method_id": method_id}
         identities: dict[str | None, Any] = {}  # variants of one source share its identity: decode it once
         for row in rows:
             if row[13] not in identities:
