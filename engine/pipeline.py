@@ -26,6 +26,7 @@ from .registry import Registry
 from .sources import Materialize, Source
 from .steps import Progress, quiet, run_step
 from .store import Entry, Store
+from .tasks import task_of
 
 __all__ = ["ApplyResult", "Outcome", "SweepResult", "apply", "apply_recipe", "apply_recipes"]
 
@@ -191,6 +192,9 @@ def _prove_it_runs(plan: Plan, files_dir: Path, source_dir: Path) -> None:
                          artifact_dir=str(files_dir))
     try:
         model = plan.runtime.load(files_dir, info)
+        if task_of(plan.recipe.data) == "feature-extraction":  # an embedder: one embedding instead
+            model.embed(["The history of"])
+            return
         ids = model.encode("The history of") or [0]
         if type(model).logits is not Model.logits:  # a runtime that cannot give logits still generates
             model.logits(ids)

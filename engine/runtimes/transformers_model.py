@@ -141,3 +141,40 @@ class TransformersModel(Model):
             if token in self.eos_token_ids:
                 return ids[: i + 1]
         return ids
+
+
+class Seq2SeqModel(TransformersModel):
+    """An encoder-decoder (T5-style, task text2text-generation): the prompt is the encoder's input,
+    the new tokens are the whole decoder output, so nothing is sliced off or decoded in context."""
+
+    def decode_continuation(self, prompt_ids: list[int], new: list[int]) -> str:
+        return self.decode(new)
+
+    def _generate_batch(self, batch: list[list[int]], sampling: Sampling) -> list[list[int]]:
+        """One generate call: inputs right-padded (the encoder sees all of each, masked), outputs
+        without the decoder's start token."""
+        import torch
+
+        width = max(len(ids) for ids in batch)
+        input_ids = torch.tensor([ids + [self.pad_token_id] * (width - len(ids)) for ids in batch], dtype=torch.long)
+        mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in batch], dtype=torch.long)
+        output = self._generate(input_ids, mask, sampling)
+        return [self._until_eos(row[1:]) for row in output.tolist()]
+
+    def decoder_logits(self, input_ids: list[int], target_ids: list[int]) -> Any:
+        """Teacher-forced next-token logits of the decoder [len(target_ids), vocab] (float32 numpy):
+        position i predicts target_ids[i] from the input and target_ids[:i]."""
+        import numpy as np
+        import torch
+
+        start = int(self.native.config.decoder_start_token_id or 0)
+        decoder = torch.tensor([[start] + list(target_ids[:-1])], dtype=torch.long)
+        ids = torch.tensor([input_ids], dtype=torch.long)
+        with torch.no_grad():
+            out = self.native(input_ids=ids, attention_mask=torch.ones_like(ids), decoder_input_ids=decoder)
+        return np.asarray(out.logits[0].float() if hasattr(out.logits, "float") else out.logits, dtype=np.float32)
+
+    def logits(self, ids: list[int]) -> Any:
+        from ..tasks import wrong_task
+
+        raise wrong_task(self, "text-generation", "return causal next-token logits (use decoder_logits)")
