@@ -59,7 +59,7 @@ def run(job: dict) -> dict:
     source, out = Path(job["source_dir"]), Path(job["out_dir"])
     task = job.get("task", "text-generation")
     model, tokenizer, source_dtype = load_source(source, task)
-    fp32_modules = resolve_skip_modules(model, job["skip_modules"])
+    fp32_modules = resolve_skip_modules(model, job["skip_modules"] + kept_in_fp32(model))
     config, layer_map = make_config(job, model, fp32_modules)
     say(f"quantizing with {type(config).__name__} {job['inc']}")
     samples = calibration_ids(tokenizer, job.get("calibration_texts"), job.get("seq_len", 512))
@@ -108,6 +108,15 @@ def load_source(source: Path, task: str = "text-generation") -> tuple[Any, Any, 
     model = auto_class(task).from_pretrained(source, dtype=torch.float32)
     model.eval()
     return model, AutoTokenizer.from_pretrained(source), source_dtype
+
+
+def kept_in_fp32(model: Any) -> list[str]:
+    """Linear layers the architecture itself keeps in float32 (`_keep_in_fp32_modules`: T5's `wo`,
+    whose forward reads `.weight.dtype`, which a packed INC layer does not have)."""
+    keep = getattr(model, "_keep_in_fp32_modules", None) or []
+    if keep:
+        say(f"keeping {', '.join(keep)} in fp32, as transformers does for {type(model).__name__}")
+    return [n for n in linear_names(model) if n.rsplit(".", 1)[-1] in keep]
 
 
 def linear_names(model: Any) -> list[str]:
