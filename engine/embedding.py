@@ -126,3 +126,14 @@ class EmbeddingModel(Model):
 
     def logits(self, ids: list[int]) -> Any:
         raise wrong_task(self, "text-generation", "return next-token logits")
+
+
+class TorchEmbedder(EmbeddingModel):
+    """A PyTorch encoder (a transformers AutoModel, quantized or not): its last_hidden_state."""
+
+    def token_states(self, input_ids: Any, attention_mask: Any) -> Any:
+        import torch
+
+        with torch.no_grad():
+            out = self.native(input_ids=torch.from_numpy(input_ids), attention_mask=torch.from_numpy(attention_mask))
+        return out.last_hidden_state.float().numpy()

@@ -227,7 +227,8 @@ def _evaluate(plan: Plan, store: Store, artifact: Entry, ran: list[StepRecord], 
 
     def work(stage) -> dict:
         scores = evaluate_variant(lambda: plan.runtime.load(artifact.files_dir, info), artifact.size, plan.spec,
-                                  ref_entry.files_dir if ref_entry else None, lambda m: progress(m, True))
+                                  ref_entry.files_dir if ref_entry else None, lambda m: progress(m, True),
+                                  source_dir=lambda: _materialize(plan, store, ran, progress))
         (stage.files_dir / "scores.json").write_text(json.dumps(scores, indent=1, sort_keys=True))
         return {}
 

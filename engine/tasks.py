@@ -40,13 +40,31 @@ def runtimes_with(task: str) -> list[str]:
     return [name for name in runtime_names() if task in get_runtime(name).tasks]
 
 
+#: eval sections -> the one task they score
+EVAL_TASK = {"perplexity": "text-generation", "embeddings": "feature-extraction", "text2text": "text2text-generation"}
+EVAL_FOR = {task: section for section, task in EVAL_TASK.items()}
+
+
+def eval_issues(data: dict[str, Any], positions: dict, filename: str) -> list[RecipeIssue]:
+    """Eval sections that score another task than the recipe's (perplexity of an embedder, ...)."""
+    task, issues = task_of(data), []
+    for section, scores in EVAL_TASK.items():
+        if section in (data.get("eval") or {}) and scores != task:
+            line, col = positions.get(("eval", section)) or (0, 0)
+            issues.append(RecipeIssue(filename, line, col, f"eval.{section}",
+                                      f"eval.{section} scores {scores} variants; this recipe's task is {task}",
+                                      f"use eval.{EVAL_FOR[task]} for a {task} variant"))
+    return issues
+
+
 def task_issues(data: dict[str, Any], positions: dict, filename: str) -> list[RecipeIssue]:
-    """The recipe's task against its runtime's declaration (after the common schema passed)."""
+    """The recipe's task against its runtime's declaration and its eval sections (after the common
+    schema passed)."""
     from .discovery import get_runtime, runtime_names
 
     runtime, task = data["target"]["runtime"], task_of(data)
     if runtime not in runtime_names() or task in get_runtime(runtime).tasks:
-        return []
+        return eval_issues(data, positions, filename)
     having = [n for n in runtimes_with(task) if n != runtime]
     path = ("task",) if "task" in data else ("target", "runtime")
     line, col = positions.get(path) or positions.get(("target", "runtime")) or (0, 0)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..calibration import calibration_key, load_texts
-from ..embedding import EmbeddingModel
+from ..embedding import TorchEmbedder
 from ..errors import EngineError
 from ..recipe.schemas import load_schema
 from ..runtime import Model, Progress, Runtime, Section
@@ -246,15 +246,8 @@ class ItrexModel(TransformersModel):
         return np.asarray(out.logits[0].float(), dtype=np.float32)
 
 
-class ItrexEmbedder(EmbeddingModel):
+class ItrexEmbedder(TorchEmbedder):
     """A quantized BERT-style encoder in PyTorch (INCWeightOnlyLinear layers), pooled by the engine."""
-
-    def token_states(self, input_ids: Any, attention_mask: Any) -> Any:
-        import torch
-
-        with torch.no_grad():
-            out = self.native(input_ids=torch.from_numpy(input_ids), attention_mask=torch.from_numpy(attention_mask))
-        return out.last_hidden_state.float().numpy()
 
 
 class ItrexSeq2Seq(Seq2SeqModel):

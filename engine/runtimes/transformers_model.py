@@ -162,17 +162,10 @@ class Seq2SeqModel(TransformersModel):
         return [self._until_eos(row[1:]) for row in output.tolist()]
 
     def decoder_logits(self, input_ids: list[int], target_ids: list[int]) -> Any:
-        """Teacher-forced next-token logits of the decoder [len(target_ids), vocab] (float32 numpy):
-        position i predicts target_ids[i] from the input and target_ids[:i]."""
-        import numpy as np
-        import torch
+        """Teacher-forced decoder logits [len(target_ids), vocab] (engine.task_eval.decoder_logits)."""
+        from ..task_eval import decoder_logits
 
-        start = int(self.native.config.decoder_start_token_id or 0)
-        decoder = torch.tensor([[start] + list(target_ids[:-1])], dtype=torch.long)
-        ids = torch.tensor([input_ids], dtype=torch.long)
-        with torch.no_grad():
-            out = self.native(input_ids=ids, attention_mask=torch.ones_like(ids), decoder_input_ids=decoder)
-        return np.asarray(out.logits[0].float() if hasattr(out.logits, "float") else out.logits, dtype=np.float32)
+        return decoder_logits(self.native, input_ids, target_ids)
 
     def logits(self, ids: list[int]) -> Any:
         from ..tasks import wrong_task
