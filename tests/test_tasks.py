@@ -229,3 +229,24 @@ def test_langchain_embeddings_in_a_vector_store_and_llm_on_text2text(built):
     assert max(abs(x - y) for x, y in zip(found["q_vec"], found["direct"])) < 1e-5
     assert found["many"][0] == found["one"] and len(found["many"]) == 2
     assert found["stopped"] == found["full"][: found["full"].index(found["stop"])]
+
+
+def test_pooling_is_read_from_the_folder_and_said_when_absent(tmp_path):
+    import numpy as np
+
+    from engine.embedding import pool, read_pooling
+    from engine.synthetic_encoders import write_pooling
+
+    assert read_pooling(tmp_path) == ("mean", "no sentence-transformers pooling config (1_Pooling/config.json) "
+                                              "in the model: mean pooling")
+    write_pooling(tmp_path, 4, "cls")
+    assert read_pooling(tmp_path) == ("cls", "1_Pooling/config.json: cls")
+    (tmp_path / "modules.json").write_text(json.dumps([{"path": "p", "type": "sentence_transformers.models.Pooling"}]))
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
+    assert read_pooling(tmp_path)[0] == "mean"
+    states = np.arange(2 * 3 * 2, dtype=np.float32).reshape(2, 3, 2)
+    mask = np.array([[1, 1, 0], [1, 1, 1]])
+    assert np.allclose(pool(states, mask, "mean"), [[1, 2], [8, 9]])  # the padded position is left out
+    assert np.allclose(pool(states, mask, "cls"), [[0, 1], [6, 7]])
+    assert np.allclose(pool(states, mask, "lasttoken"), [[2, 3], [10, 11]])
