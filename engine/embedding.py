@@ -18,6 +18,8 @@ from .runtime import Model, Sampling
 from .tasks import wrong_task
 
 POOLING_MODES = ("cls", "mean", "max", "lasttoken")
+#: the tasks whose variants generate text (what a wrong call on an embedder is pointed to)
+GENERATING = "text-generation or text2text-generation"
 #: the longest input embedded (BERT-style encoders have 512 positions)
 MAX_TOKENS = 512
 
@@ -113,16 +115,16 @@ class EmbeddingModel(Model):
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def stream_ids(self, ids: list[int], sampling: Sampling) -> Iterator[int]:
-        raise wrong_task(self, "text-generation", "generate")
+        raise wrong_task(self, GENERATING, "generate")
 
     def generate(self, prompt: Any, *args: Any, **kwargs: Any) -> Any:
-        raise wrong_task(self, "text-generation", "generate")
+        raise wrong_task(self, GENERATING, "generate")
 
     def stream(self, prompt: Any, *args: Any, **kwargs: Any) -> Iterator[str]:
-        raise wrong_task(self, "text-generation", "stream")
+        raise wrong_task(self, GENERATING, "stream")
 
     def chat(self, messages: list[dict], *args: Any, **kwargs: Any) -> Any:
-        raise wrong_task(self, "text-generation", "chat")
+        raise wrong_task(self, GENERATING, "chat")
 
     def logits(self, ids: list[int]) -> Any:
         raise wrong_task(self, "text-generation", "return next-token logits")

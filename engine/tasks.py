@@ -76,5 +76,6 @@ def task_issues(data: dict[str, Any], positions: dict, filename: str) -> list[Re
 
 def wrong_task(model: Any, wanted: str, call: str) -> WrongTask:
     task = task_of(getattr(model.info, "recipe", None))
+    tasks = " or ".join(f"`task: {t}`" for t in wanted.split(" or "))
     return WrongTask(f"{model.name} is a {task} variant: it {TASK_WORDS[task]}, so it cannot {call}",
-                     hint=f"{call} needs a {wanted} variant (recipe `task: {wanted}`)")
+                     hint=f"{call} needs a {wanted} variant (a recipe with {tasks})")
