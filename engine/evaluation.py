@@ -49,7 +49,7 @@ def eval_spec(recipe: dict, base_dir: Path, hash_file: Callable[[Path], str]) ->
         files, _, digest = _dataset(section[name]["dataset"], base_dir, hash_file)
         spec[name] = {"dataset_sha256": digest, **settings, "_files": files}
     speed = section.get("speed", {})
-    if speed.get("enabled", True) and "embeddings" not in spec:  # an embedder's speed is sentences/s
+    if speed.get("enabled", True) and key_part(recipe).get("task") != "feature-extraction":  # sentences/s instead
         spec["speed"] = {"prompt_tokens": speed.get("prompt_tokens", 64), "new_tokens": speed.get("new_tokens", 32),
                          **key_part(recipe)}  # a text2text tokens/s is not a causal LM's: never compared
     return spec
