@@ -54,7 +54,7 @@ def eval_issues(data: dict[str, Any], positions: dict, filename: str) -> list[Re
             issues.append(RecipeIssue(filename, line, col, f"eval.{section}",
                                       f"eval.{section} scores {scores} variants; this recipe's task is {task}",
                                       f"use eval.{EVAL_FOR[task]} for a {task} variant"))
-    if task == "feature-extraction" and "speed" in (data.get("eval") or {}):
+    if task == "feature-extraction" and ("eval", "speed") in positions:  # written, not a filled default
         line, col = positions.get(("eval", "speed")) or (0, 0)
         issues.append(RecipeIssue(filename, line, col, "eval.speed", "an embedding model generates no tokens: "
                                   "eval.speed measures decoding", "eval.embeddings measures sentences/s; remove eval.speed"))
