@@ -17,6 +17,7 @@ from typing import Any
 
 from .errors import EngineError, SourceUnavailable
 from .hashing import content_key
+from .tasks import key_part
 
 REFERENCE_STEP_VERSION = 2  # 2: reference log-probs stored as float32
 EVAL_STEP_VERSION = 1
@@ -44,10 +45,27 @@ def eval_spec(recipe: dict, base_dir: Path, hash_file: Callable[[Path], str]) ->
             "max_windows": ppl["max_windows"], "bos": ppl["bos"], "fidelity": section.get("fidelity", True),
             "_files": files, "_hub": hub,
         }
+    for name, settings in _task_sections(section).items():
+        files, _, digest = _dataset(section[name]["dataset"], base_dir, hash_file)
+        spec[name] = {"dataset_sha256": digest, **settings, "_files": files}
     speed = section.get("speed", {})
-    if speed.get("enabled", True):
-        spec["speed"] = {"prompt_tokens": speed.get("prompt_tokens", 64), "new_tokens": speed.get("new_tokens", 32)}
+    if speed.get("enabled", True) and key_part(recipe).get("task") != "feature-extraction":  # sentences/s instead
+        spec["speed"] = {"prompt_tokens": speed.get("prompt_tokens", 64), "new_tokens": speed.get("new_tokens", 32),
+                         **key_part(recipe)}  # a text2text tokens/s is not a causal LM's: never compared
     return spec
+
+
+def _task_sections(section: dict) -> dict[str, dict]:
+    """eval.embeddings / eval.text2text with their defaults (method: engine/task_eval.py)."""
+    found = {}
+    if section.get("embeddings"):
+        e = section["embeddings"]
+        found["embeddings"] = {"queries": e.get("queries", 32), "passages": e.get("passages", 256),
+                               "top_k": e.get("top_k", 10), "batch_size": 32, "task": "feature-extraction"}
+    if section.get("text2text"):
+        found["text2text"] = {"max_pairs": section["text2text"].get("max_pairs", 32), "teacher_forced": True,
+                              "task": "text2text-generation"}
+    return found
 
 
 def _dataset(dataset: Any, base_dir: Path, hash_file) -> tuple[list[str], dict | None, str]:
@@ -150,12 +168,16 @@ def compute_reference(source_dir: Path, spec: dict, out_dir: Path, progress: Pro
 
 # -- scoring a variant ------------------------------------------------------------------------------
 def evaluate_variant(load: Callable[[], Any], artifact_size: int, spec: dict, reference_dir: Path | None,
-                     progress: Progress) -> list[dict]:
-    """All metrics for one variant, through its runtime; returns score dicts ready to record."""
+                     progress: Progress, source_dir: Callable[[], Path] | None = None) -> list[dict]:
+    """All metrics for one variant, through its runtime; returns score dicts ready to record.
+    `source_dir` gives the source folder the task scores (embeddings, text2text) compare against."""
     started = time.perf_counter()
     model = load()
     load_seconds = time.perf_counter() - started
     scores: list[dict] = []
+    for name in ("embeddings", "text2text"):
+        if name in spec and source_dir is not None:
+            scores += _task_scores(name, model, spec[name], source_dir(), artifact_size, progress)
     ref = json.loads((reference_dir / "reference.json").read_text()) if reference_dir else None
     if ref and "perplexity" in spec:
         scores += _quality(model, spec["perplexity"], ref, reference_dir, progress)
@@ -164,10 +186,25 @@ def evaluate_variant(load: Callable[[], Any], artifact_size: int, spec: dict, re
     if ref and ref.get("source_weight_bytes"):
         scores.append(_score("size_ratio", artifact_size / ref["source_weight_bytes"], "x source",
                              {"source_weight_bytes": ref["source_weight_bytes"]}))
-    scores.append(_score("size_bytes", artifact_size, "bytes", {}))
+    tasks = [spec[name]["task"] for name in ("embeddings", "text2text") if name in spec]
+    scores.append(_score("size_bytes", artifact_size, "bytes", {"task": tasks[0]} if tasks else {}))
     if "speed" in spec:
         scores += _speed(model, spec["speed"], ref, load_seconds, progress)
     return scores
+
+
+def _task_scores(name: str, model: Any, part: dict, source_dir: Path, artifact_size: int,
+                 progress: Progress) -> list[dict]:
+    from .task_eval import embedding_scores, source_embedder, text2text_scores
+
+    task = "feature-extraction" if name == "embeddings" else "text2text-generation"
+    source = source_embedder(source_dir, task)
+    found = (embedding_scores if name == "embeddings" else text2text_scores)(model, source, part, progress)
+    how = method(part)  # it names the task: never the same method as another task's score
+    source_bytes = sum(p.stat().st_size for p in source_dir.iterdir() if p.suffix in WEIGHT_SUFFIXES)
+    return ([_score(metric, value, unit, how) for metric, value, unit in found]
+            + [_score("size_ratio", artifact_size / source_bytes, "x source",
+                      {"source_weight_bytes": source_bytes, "task": task})])
 
 
 def _quality(model: Any, ppl: dict, ref: dict, reference_dir: Path, progress: Progress) -> list[dict]:

@@ -26,6 +26,7 @@ from .registry import Registry
 from .sources import Materialize, Source
 from .steps import Progress, quiet, run_step
 from .store import Entry, Store
+from .tasks import task_of
 
 __all__ = ["ApplyResult", "Outcome", "SweepResult", "apply", "apply_recipe", "apply_recipes"]
 
@@ -191,8 +192,11 @@ def _prove_it_runs(plan: Plan, files_dir: Path, source_dir: Path) -> None:
                          artifact_dir=str(files_dir))
     try:
         model = plan.runtime.load(files_dir, info)
+        if task_of(plan.recipe.data) == "feature-extraction":  # an embedder: one embedding instead
+            model.embed(["The history of"])
+            return
         ids = model.encode("The history of") or [0]
-        if type(model).logits is not Model.logits:  # a runtime that cannot give logits still generates
+        if type(model).logits is not Model.logits and task_of(plan.recipe.data) == "text-generation":
             model.logits(ids)
         next(iter(model.stream_ids(ids, Sampling(max_new_tokens=1))), None)
     except EngineError:
@@ -223,7 +227,8 @@ def _evaluate(plan: Plan, store: Store, artifact: Entry, ran: list[StepRecord], 
 
     def work(stage) -> dict:
         scores = evaluate_variant(lambda: plan.runtime.load(artifact.files_dir, info), artifact.size, plan.spec,
-                                  ref_entry.files_dir if ref_entry else None, lambda m: progress(m, True))
+                                  ref_entry.files_dir if ref_entry else None, lambda m: progress(m, True),
+                                  source_dir=lambda: _materialize(plan, store, ran, progress))
         (stage.files_dir / "scores.json").write_text(json.dumps(scores, indent=1, sort_keys=True))
         return {}
 

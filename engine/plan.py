@@ -19,6 +19,7 @@ from .runtime import Runtime
 from .sources import Source, source_from_recipe
 from .steps import StepPlan
 from .store import Store
+from .tasks import key_part
 from .versions import VersionLookup, installed_version, optional_versions, versions_of
 
 SOURCE_STEP_VERSION = 1
@@ -82,7 +83,7 @@ def make_plan(recipe: Recipe, store: Store, *, versions: VersionLookup = install
     key_params = {k: v for k, v in params.items() if not k.startswith("_")}
     build_key = content_key({
         "step": "build", "runtime": runtime.name, "v": runtime.step_version,
-        "params": key_params, "input": src_key, "versions": library,
+        "params": key_params, "input": src_key, "versions": library, **key_part(data),
     })
     steps = [
         StepPlan("source", src_key, described, identity.get("versions", {}),

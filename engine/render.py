@@ -29,7 +29,11 @@ def human_size(n: int | None) -> str:
 #: (metric, column title, format) shown by `engine ls`
 HEADLINE = (("perplexity", "ppl", "{:.2f}"), ("kl_divergence", "KL", "{:.2e}"),
             ("top1_agreement", "top1", "{:.1%}"), ("size_ratio", "size×", "{:.2f}"),
-            ("decode_tokens_per_s", "tok/s", "{:.0f}"))
+            ("decode_tokens_per_s", "tok/s", "{:.0f}"),
+            # feature-extraction and text2text-generation variants (engine/task_eval.py); their
+            # methods name their task, so no value is ever read against another task's
+            ("cosine_mean", "cos", "{:.4f}"), ("retrieval_top10_agreement", "top10", "{:.1%}"),
+            ("sentences_per_s", "sent/s", "{:.0f}"), ("target_perplexity", "tgt ppl", "{:.3g}"))
 
 
 def ls_row(row: Any, scores: dict | None = None) -> dict:

@@ -32,6 +32,14 @@ _COLUMNS = (
     ("prefill_tokens_per_s", "prefill tok/s", "{:.1f}"),
     ("load_seconds", "load s", "{:.2f}"),
 )
+#: columns of the other tasks (engine/task_eval.py), shown only when a row has the score; their
+#: methods name their task, so the majority rule never compares them across tasks
+_TASK_COLUMNS = (
+    ("cosine_mean", "cosine mean", "{:.4f}"),
+    ("retrieval_top10_agreement", "top-10 agree", "{:.1%}"),
+    ("sentences_per_s", "sentences/s", "{:.0f}"),
+    ("target_perplexity", "target ppl", "{:.3g}"),
+)
 _MISSING = "\u2013"  # en dash
 _MB = 1e6
 
@@ -209,9 +217,15 @@ def _front(points: list[dict]) -> list[int]:
     return [candidates[j] for j in pareto_front([(points[i]["x"], points[i]["y"]) for i in candidates])]
 
 
+def _columns(rows: list[dict]) -> tuple:
+    """The score columns: the causal LM ones always, another task's when some row has its score."""
+    return _COLUMNS + tuple(c for c in _TASK_COLUMNS if any(c[0] in (r.get("scores") or {}) for r in rows))
+
+
 def _table_rows(rows: list[dict], on_front: set[str], source_size: int | None) -> list[dict]:
     """The table, smallest first, as display strings: the template only lays them out."""
-    majorities = {m: majority_method(rows, m) for m, _, _ in _COLUMNS}
+    columns = _columns(rows)
+    majorities = {m: majority_method(rows, m) for m, _, _ in columns}
 
     def order(r: dict) -> tuple:
         size = _num(r.get("size_bytes"))
@@ -227,7 +241,7 @@ def _table_rows(rows: list[dict], on_front: set[str], source_size: int | None) -
                     "group": _MISSING if r.get("group_size") is None else str(r["group_size"]),
                     "size": _MISSING if size is None else f"{size / _MB:.2f}",
                     "ratio": f"{size / source_size:.3f}" if size is not None and source_size else _MISSING,
-                    "scores": [_cell(r, m, fmt, majorities[m]) for m, _, fmt in _COLUMNS]})
+                    "scores": [_cell(r, m, fmt, majorities[m]) for m, _, fmt in columns]})
     return out
 
 
@@ -268,7 +282,7 @@ def write_report(rows: list[dict], html_path: Path, png_path: Path | None = None
     page = _template().render(
         title=title, y_metric=y_metric, y_unit=y_unit, plotted=len(points), on_front=len(front_names),
         method_id=str(majority), method=None if y_method is None else _fmt_method(y_method),
-        png_base64=base64.b64encode(png).decode("ascii"), score_heads=[h for _, h, _ in _COLUMNS],
+        png_base64=base64.b64encode(png).decode("ascii"), score_heads=[h for _, h, _ in _columns(rows)],
         rows=table, any_not_comparable=any(c["nc"] for r in table for c in r["scores"]),
         not_comparable=[{"name": nc["name"], "method_id": str(nc["method_id"]), "method": _fmt_method(nc["method"])}
                         for nc in not_comparable],

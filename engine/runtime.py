@@ -100,6 +100,13 @@ class Model(ABC):
         """New token ids for each prompt. Runtimes that can batch override this."""
         return [list(self.stream_ids(ids, sampling)) for ids in batch]
 
+    def embed(self, texts: list[str], batch_size: int = 32, normalize: bool = True,
+              instruction: str | None = None) -> Any:
+        """Sentence embeddings: only feature-extraction variants (engine.embedding.EmbeddingModel) have them."""
+        from .tasks import wrong_task
+
+        raise wrong_task(self, "feature-extraction", "embed")
+
     def logits(self, ids: list[int]) -> Any:
         """Next-token logits at every position of `ids`: a float numpy array [len(ids), vocab].
 
@@ -187,7 +194,7 @@ class Runtime(ABC):
     distributions: tuple[str, ...] = ()
     #: target.device values it supports (the first is the default the common schema fills: cpu)
     devices: tuple[str, ...] = ("cpu",)
-    #: what kind of model it builds
+    #: what kind of model it builds (recipe `task`; engine/tasks.py)
     tasks: tuple[str, ...] = ("text-generation",)
     #: quantization.weight_dtype values it supports
     weight_dtypes: tuple[str, ...] = ()

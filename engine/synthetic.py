@@ -1,4 +1,7 @@
-"""A tiny seeded causal LM with a byte-level tokenizer, made offline in a few seconds.
+"""A tiny seeded model with a byte-level tokenizer, made offline in a few seconds.
+
+Causal LMs (phi3, llama), a BERT-style sentence encoder (bert: with a sentence-transformers
+pooling config, CLS as BGE) and a T5-style encoder-decoder (t5) for the non-causal tasks.
 
 Demos and tests need a real Hugging Face model folder without any download; the same spec and
 library versions give the same bytes, so the folder can be cached by its identity.
@@ -22,7 +25,10 @@ SYNTHETIC_DEFAULTS: dict[str, Any] = {
     "num_attention_heads": 4,
     "max_position_embeddings": 256,
 }
-ARCHITECTURES = ("phi3", "llama")
+ARCHITECTURES = ("phi3", "llama", "bert", "t5")
+#: architecture -> the recipe task its models serve
+TASK_OF = {"phi3": "text-generation", "llama": "text-generation", "bert": "feature-extraction",
+           "t5": "text2text-generation"}
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -103,6 +109,11 @@ def make_synthetic_model(spec: dict[str, Any], out_dir: Path) -> None:
     from .quiet import quiet_transformers
 
     quiet_transformers()
+    if with_defaults(spec)["architecture"] in ("bert", "t5"):
+        from .synthetic_encoders import make_encoder_model
+
+        make_encoder_model(with_defaults(spec), Path(out_dir))
+        return
     import torch
     from transformers import (
         AutoModelForCausalLM,

@@ -38,10 +38,19 @@ def validate(data: dict[str, Any], positions: dict[DocPath, Pos], filename: str)
     runtime = data["target"]["runtime"]
     fill_runtime_defaults(runtime, data)
     if runtime_schema(runtime) is not None:
-        issues = _check(data, positions, filename, runtime)
+        issues = _runtime_issues(data, positions, filename, runtime)
         if issues:
             raise RecipeInvalid(issues)
     return data
+
+
+def _runtime_issues(data: dict[str, Any], positions: dict[DocPath, Pos], filename: str,
+                    runtime: str) -> list[RecipeIssue]:
+    """The recipe's task against the runtime's declaration first: if the runtime lacks the task,
+    its schema's complaints would only be noise."""
+    from engine.tasks import task_issues
+
+    return task_issues(data, positions, filename) or _check(data, positions, filename, runtime)
 
 
 def validate_stages(data: dict[str, Any], positions: dict[DocPath, Pos], filename: str
@@ -55,7 +64,7 @@ def validate_stages(data: dict[str, Any], positions: dict[DocPath, Pos], filenam
     fill_runtime_defaults(runtime, data)
     if runtime_schema(runtime) is None:
         return [], []
-    return [], _check(data, positions, filename, runtime)
+    return [], _runtime_issues(data, positions, filename, runtime)
 
 
 def fill_defaults(schema: dict[str, Any], instance: dict[str, Any]) -> None:

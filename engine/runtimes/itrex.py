@@ -24,11 +24,13 @@ from pathlib import Path
 from typing import Any
 
 from ..calibration import calibration_key, load_texts
+from ..embedding import TorchEmbedder
 from ..errors import EngineError
 from ..recipe.schemas import load_schema
 from ..runtime import Model, Progress, Runtime, Section
 from ..subproc import run_job
-from .transformers_model import TransformersModel
+from ..tasks import DEFAULT_TASK, task_of
+from .transformers_model import Seq2SeqModel, TransformersModel
 
 #: ITREX weight_dtype -> INC (dtype, bits, use_full_range)
 DTYPES: dict[str, tuple[str, int, bool]] = {
@@ -100,6 +102,7 @@ class ItrexRuntime(Runtime):
     extra = "itrex"
     distributions = ("neural-compressor-pt", "torch", "transformers", "safetensors")
     devices = ("cpu",)
+    tasks = ("text-generation", "text2text-generation", "feature-extraction")
     weight_dtypes = tuple(DTYPES)
     algorithms = tuple(INC_CLASS)
     load_options = {"num_threads": "torch intra-op threads"}
@@ -127,6 +130,7 @@ class ItrexRuntime(Runtime):
             "inc": inc_settings(quant),
             "fp32_modules": sorted(quant["skip_modules"]),
             "_itrex": {key: quant[key] for key in ITREX_KEYS if key in quant},
+            "_task": task_of(recipe),  # in the key through the plan when it is not the default
         }
         if algorithm != "rtn":  # the schema requires calibration for awq/teq/gptq and refuses it for rtn
             params["calibration"] = calibration_key(quant["calibration"], base_dir)
@@ -136,12 +140,22 @@ class ItrexRuntime(Runtime):
             params["teq"] = {key: options.get(f"teq_{key}", value) for key, value in TEQ_DEFAULTS.items()}
         return params
 
+    def recipe_issues(self, recipe: Any, source: Any) -> list:
+        """AWQ and TEQ absorb scales into a decoder block's norms: causal LMs only here."""
+        data = recipe.data
+        if task_of(data) != DEFAULT_TASK and data["quantization"]["algorithm"] in ("awq", "teq"):
+            return [recipe.issue(("quantization", "algorithm"),
+                                 f"itrex runs {data['quantization']['algorithm']} on causal LMs only, not on "
+                                 f"task {task_of(data)}", "use algorithm rtn or gptq")]
+        return []
+
     def build(self, source_dir: Path, out_dir: Path, params: dict, logs_dir: Path,
               progress: Progress) -> dict:
         job = {
             "source_dir": str(source_dir), "out_dir": str(out_dir), "algorithm": params["algorithm"],
             "inc": params["inc"], "skip_modules": params["fp32_modules"], "itrex": params["_itrex"],
             "seed": params.get("teq", {}).get("seed", 0), "teq": params.get("teq"),
+            "task": params.get("_task", DEFAULT_TASK),
         }
         if "_calibration" in params:
             job["calibration_texts"] = load_texts(params["_calibration"], Path(params["_base_dir"]))
@@ -206,8 +220,13 @@ class ItrexRuntime(Runtime):
         # INC print()s progress to stdout and logs at INFO: stdout is the user's (`engine run`)
         logging.getLogger("neural_compressor").setLevel(logging.WARNING)
         with contextlib.redirect_stdout(sys.stderr):
-            model = load_quantized(artifact_dir)
-        return ItrexModel(info, model, AutoTokenizer.from_pretrained(artifact_dir))
+            model = load_quantized(artifact_dir, task_of(info.recipe))
+        tokenizer = AutoTokenizer.from_pretrained(artifact_dir)
+        if task_of(info.recipe) == "feature-extraction":
+            return ItrexEmbedder(info, model, tokenizer)
+        if task_of(info.recipe) == "text2text-generation":
+            return ItrexSeq2Seq(info, model, tokenizer)
+        return ItrexModel(info, model, tokenizer)
 
 
 def _weights_bytes(folder: Path) -> int:
@@ -225,3 +244,11 @@ class ItrexModel(TransformersModel):
         with torch.no_grad():
             out = self.native(input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
         return np.asarray(out.logits[0].float(), dtype=np.float32)
+
+
+class ItrexEmbedder(TorchEmbedder):
+    """A quantized BERT-style encoder in PyTorch (INCWeightOnlyLinear layers), pooled by the engine."""
+
+
+class ItrexSeq2Seq(Seq2SeqModel):
+    """A quantized T5-style encoder-decoder in PyTorch."""

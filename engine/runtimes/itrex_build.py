@@ -57,8 +57,9 @@ def run(job: dict) -> dict:
     started = time.perf_counter()
     torch.manual_seed(job["seed"])
     source, out = Path(job["source_dir"]), Path(job["out_dir"])
-    model, tokenizer, source_dtype = load_source(source)
-    fp32_modules = resolve_skip_modules(model, job["skip_modules"])
+    task = job.get("task", "text-generation")
+    model, tokenizer, source_dtype = load_source(source, task)
+    fp32_modules = resolve_skip_modules(model, job["skip_modules"] + kept_in_fp32(model))
     config, layer_map = make_config(job, model, fp32_modules)
     say(f"quantizing with {type(config).__name__} {job['inc']}")
     samples = calibration_ids(tokenizer, job.get("calibration_texts"), job.get("seq_len", 512))
@@ -66,11 +67,11 @@ def run(job: dict) -> dict:
     model = quantize(model, config, job["algorithm"], samples, job.get("teq", {}))
     seconds = time.perf_counter() - t0
     probe_ids = tokenizer(PROBE_TEXT)["input_ids"][:32]
-    probe = logits_digest(model, probe_ids)
+    probe = logits_digest(model, probe_ids, task)
     layers = quantized_layers(model)
     stored = save(model, out, source, source_dtype)
     del model
-    reloaded = logits_digest(load_quantized(out), probe_ids)
+    reloaded = logits_digest(load_quantized(out, task), probe_ids, task)
     if reloaded != probe:
         raise RuntimeError(f"the saved artifact does not reload identically ({probe} != {reloaded})")
     say(f"saved and reloaded identically (probe logits sha256 {probe[:16]})")
@@ -87,18 +88,35 @@ def run(job: dict) -> dict:
     return _jsonable(record)
 
 
-def load_source(source: Path) -> tuple[Any, Any, Any]:
+def auto_class(task: str) -> Any:
+    """The transformers class a task's model is loaded with (BERT-style encoder, T5-style seq2seq, causal LM)."""
+    import transformers
+
+    return getattr(transformers, {"feature-extraction": "AutoModel", "text2text-generation": "AutoModelForSeq2SeqLM"}
+                   .get(task, "AutoModelForCausalLM"))
+
+
+def load_source(source: Path, task: str = "text-generation") -> tuple[Any, Any, Any]:
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     config = AutoConfig.from_pretrained(source)
     source_dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
     if isinstance(source_dtype, str):
         source_dtype = getattr(torch, source_dtype)
     say(f"loading {source} (stored as {source_dtype}, quantized from fp32)")
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    model = auto_class(task).from_pretrained(source, dtype=torch.float32)
     model.eval()
     return model, AutoTokenizer.from_pretrained(source), source_dtype
+
+
+def kept_in_fp32(model: Any) -> list[str]:
+    """Linear layers the architecture itself keeps in float32 (`_keep_in_fp32_modules`: T5's `wo`,
+    whose forward reads `.weight.dtype`, which a packed INC layer does not have)."""
+    keep = getattr(model, "_keep_in_fp32_modules", None) or []
+    if keep:
+        say(f"keeping {', '.join(keep)} in fp32, as transformers does for {type(model).__name__}")
+    return [n for n in linear_names(model) if n.rsplit(".", 1)[-1] in keep]
 
 
 def linear_names(model: Any) -> list[str]:
@@ -241,11 +259,18 @@ def quantized_layers(model: Any) -> list[str]:
     return [name for name, module in model.named_modules() if hasattr(module, "qweight")]
 
 
-def logits_digest(model: Any, ids: list[int]) -> str:
+def logits_digest(model: Any, ids: list[int], task: str = "text-generation") -> str:
+    """sha256 of the model's output on `ids`: logits (causal; seq2seq teacher-forced on ids) or
+    token states (an encoder)."""
     import torch
 
     with torch.no_grad():
-        logits = model(torch.tensor([ids])).logits.float().contiguous()
+        if task == "feature-extraction":
+            logits = model(torch.tensor([ids])).last_hidden_state.float().contiguous()
+        elif task == "text2text-generation":
+            logits = model(input_ids=torch.tensor([ids]), decoder_input_ids=torch.tensor([ids])).logits.float()
+        else:
+            logits = model(torch.tensor([ids])).logits.float().contiguous()
     return hashlib.sha256(logits.numpy().tobytes()).hexdigest()
 
 
@@ -271,6 +296,8 @@ def save(model: Any, out: Path, source: Path, source_dtype: Any) -> dict:
         for path in sorted(source.glob(pattern)):
             if not _WEIGHT_FILES.search(path.name) and not (out / path.name).exists():
                 shutil.copy2(path, out / path.name)
+    if (source / "1_Pooling").is_dir():  # sentence-transformers pooling config: model.embed reads it
+        shutil.copytree(source / "1_Pooling", out / "1_Pooling", dirs_exist_ok=True)
     dtype = str(source_dtype).replace("torch.", "")
     say(f"saved: {narrowed} unquantized tensors stored as {dtype} (exact), {kept} kept in float32")
     modules = [m for name, m in model.named_modules() if name in packed]
@@ -279,17 +306,17 @@ def save(model: Any, out: Path, source: Path, source_dtype: Any) -> dict:
             "unquantized": {dtype: narrowed, "float32": kept} if kept else {dtype: narrowed}}
 
 
-def load_quantized(folder: Path) -> Any:
+def load_quantized(folder: Path, task: str = "text-generation") -> Any:
     """Open an artifact: an fp32 skeleton from config.json, then INC's load, then the other weights."""
     import torch
     from neural_compressor.torch.quantization import load
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    from transformers import AutoConfig, GenerationConfig
     from transformers.initialization import no_init_weights
 
     folder = Path(folder)
     config = AutoConfig.from_pretrained(folder)
     with no_init_weights():  # weights come from the artifact; skip the random init
-        skeleton = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        skeleton = auto_class(task).from_config(config, dtype=torch.float32)
     model = load(str(folder), original_model=skeleton, format="default", device="cpu")
     for _, module in model.named_modules():  # AWQ/TEQ loads assign source-dtype tensors: compute in fp32
         if hasattr(module, "qweight"):

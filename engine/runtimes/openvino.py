@@ -19,11 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from ..calibration import calibration_key, load_texts
+from ..embedding import EmbeddingModel
 from ..errors import BuildFailed, EngineError, RecipeInvalid, RecipeIssue, RuntimeUnavailable
 from ..recipe.schemas import load_schema
 from ..runtime import Model, Progress, Runtime
 from ..subproc import run_job
-from .transformers_model import TransformersModel
+from ..tasks import DEFAULT_TASK, task_of
+from .transformers_model import Seq2SeqModel, TransformersModel
 
 _DTYPE = {"int4": "int4", "int4_clip": "int4", "int8": "int8", "nf4": "nf4", "mxfp4": "mxfp4",
           "fp16": "fp16", "fp32": "fp32"}
@@ -35,6 +37,9 @@ _COMPUTE = {
     "bf16": {"INFERENCE_PRECISION_HINT": "bf16"},
     "int8": {"INFERENCE_PRECISION_HINT": "f32"},
 }
+#: recipe task -> optimum's export task (the build key's "task"; openvino_build.MODEL_CLASSES)
+_EXPORT_TASK = {"text-generation": "text-generation-with-past", "feature-extraction": "feature-extraction",
+                "text2text-generation": "text2text-generation-with-past"}
 _GROUPS = (16, 32, 64, 128, 256, 512, 1024)
 
 
@@ -60,6 +65,8 @@ def layer_widths(config: dict, all_layers: bool) -> dict[str, int]:
         layers, heads = int(config["num_hidden_layers"]), int(config["num_attention_heads"])
     except (KeyError, TypeError, ValueError):
         return {}  # not a Llama/Phi-style config: NNCF itself will check
+    if config.get("model_type") in ("bert", "t5"):  # other layer names: NNCF itself will check
+        return {}
     head_dim = int(config.get("head_dim") or hidden // heads)
     fused = config.get("model_type") == "phi3"
     attn = ("qkv_proj",) if fused else ("q_proj", "k_proj", "v_proj")
@@ -198,6 +205,7 @@ class OpenVINORuntime(Runtime):
     distributions = ("optimum-intel", "optimum", "openvino", "openvino-tokenizers", "nncf",
                      "transformers", "torch")
     devices = ("cpu", "gpu")
+    tasks = ("text-generation", "text2text-generation", "feature-extraction")
     weight_dtypes = ("int8", "int4", "int4_clip", "nf4", "mxfp4", "fp16", "fp32")
     algorithms = ("rtn", "awq", "gptq")
     load_options = {"ov_config": "OpenVINO properties, over the recipe's target.options.ov_config"}
@@ -211,10 +219,11 @@ class OpenVINORuntime(Runtime):
         quant, target = recipe.get("quantization", {}), recipe["target"]
         options = target.get("options", {})
         precision = _DTYPE[quant["weight_dtype"]]
+        task = task_of(recipe)
         params: dict[str, Any] = {
             "precision": precision,
-            "task": "text-generation-with-past",
-            "openvino_tokenizer": options.get("convert_tokenizer", True),
+            "task": _EXPORT_TASK[task],
+            "openvino_tokenizer": options.get("convert_tokenizer", task == DEFAULT_TASK),
             "_name": recipe["name"],
         }
         if precision in _UNCOMPRESSED:
@@ -299,7 +308,10 @@ class OpenVINORuntime(Runtime):
         names = {"i4": "int4", "u4": "int4", "i8": "int8", "u8": "int8", "nf4": "nf4", "f4e2m1": "mxfp4",
                  "f16": "fp16", "bf16": "bf16", "f32": "fp32"}
         out = []
-        for layer in ET.parse(artifact_dir / "openvino_model.xml").getroot().iter("layer"):
+        from .openvino_build import ir_files
+
+        layers = [layer for xml in ir_files(artifact_dir) for layer in ET.parse(xml).getroot().iter("layer")]
+        for layer in layers:
             data, name = layer.find("data"), layer.get("name", "")
             if layer.get("type") != "Const" or data is None or not name.endswith("weight"):
                 continue
@@ -323,18 +335,25 @@ class OpenVINORuntime(Runtime):
         if device == "GPU":
             ov_config.setdefault("CACHE_DIR", "")  # optimum-intel would write a cache into the artifact
         ov_config = {k: _as_property(v) for k, v in ov_config.items()}
-        from optimum.intel import OVModelForCausalLM
+        import optimum.intel
         from transformers import AutoTokenizer
 
+        from .openvino_build import MODEL_CLASSES
+
+        task = task_of(recipe)
+        model_class = getattr(optimum.intel, MODEL_CLASSES[_EXPORT_TASK[task]])
         try:
-            native = OVModelForCausalLM.from_pretrained(str(artifact_dir), export=False, device=device,
-                                                        ov_config=ov_config)
+            native = model_class.from_pretrained(str(artifact_dir), export=False, device=device, ov_config=ov_config)
         except RuntimeError as error:  # OpenVINO's compile errors: bad property value, missing device
             first = str(error).strip().splitlines()
             raise LoadFailed(f"OpenVINO could not compile {info.name} for {device}: "
                              f"{first[-1] if first else error}",
                              hint=f"ov_config in effect: {json.dumps(ov_config, sort_keys=True)}") from None
         tokenizer = AutoTokenizer.from_pretrained(str(artifact_dir))
+        if task == "feature-extraction":
+            return OpenVINOEmbedder(info, native, tokenizer)
+        if task == "text2text-generation":
+            return OpenVINOSeq2Seq(info, native, tokenizer)
         return OpenVINOModel(info, native, tokenizer, ov_config)
 
 
@@ -370,3 +389,19 @@ class OpenVINOModel(TransformersModel):
         if logits.shape[0] != len(ids):
             raise EngineError(f"OpenVINO returned logits for {logits.shape[0]} of {len(ids)} positions")
         return logits
+
+
+class OpenVINOEmbedder(EmbeddingModel):
+    """An optimum-intel OVModelForFeatureExtraction: the IR's last_hidden_state, pooled by the engine."""
+
+    def token_states(self, input_ids: Any, attention_mask: Any) -> Any:
+        import numpy as np
+
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if "token_type_ids" in self.native.input_names:
+            inputs["token_type_ids"] = np.zeros_like(input_ids)
+        return np.asarray(self.native(**inputs).last_hidden_state)
+
+
+class OpenVINOSeq2Seq(Seq2SeqModel):
+    """An optimum-intel OVModelForSeq2SeqLM (encoder + decoder IR) behind the transformers generate API."""

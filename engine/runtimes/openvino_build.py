@@ -46,12 +46,34 @@ def weight_bytes(model: Any) -> dict[str, int]:
     return dict(sorted(sizes.items()))
 
 
+#: optimum export task (build params "task") -> the optimum-intel class that exports and loads it
+MODEL_CLASSES = {"text-generation-with-past": "OVModelForCausalLM",
+                 "feature-extraction": "OVModelForFeatureExtraction",
+                 "text2text-generation-with-past": "OVModelForSeq2SeqLM"}
+
+
+def ir_files(folder: Path) -> list[Path]:
+    """The model's IR files (one for a causal LM or an encoder; encoder + decoder for seq2seq)."""
+    return sorted(p for p in folder.glob("openvino_*model.xml") if "tokenizer" not in p.name)
+
+
+def copy_pooling(source: Path, out: Path) -> None:
+    """sentence-transformers' pooling config travels with an embedding model (model.embed reads it)."""
+    import shutil
+
+    if (source / "modules.json").is_file():
+        shutil.copy2(source / "modules.json", out / "modules.json")
+        for folder in source.glob("1_Pooling"):
+            shutil.copytree(folder, out / folder.name, dirs_exist_ok=True)
+
+
 def run(job: dict) -> dict[str, Any]:
     """Export and compress; the facts worth recording."""
     params, source, out = job["params"], Path(job["source"]), Path(job["out"])
     say("importing openvino, optimum-intel, nncf, transformers")
     import openvino as ov
-    from optimum.intel import OVModelForCausalLM, OVWeightQuantizationConfig
+    import optimum.intel
+    from optimum.intel import OVWeightQuantizationConfig
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(source)
@@ -67,11 +89,13 @@ def run(job: dict) -> dict[str, Any]:
             facts["calibration_samples"] = len(texts)
         kwargs["quantization_config"] = OVWeightQuantizationConfig(**config)
     say(f"exporting {source.name} to OpenVINO IR ({params['precision']})")
-    model = OVModelForCausalLM.from_pretrained(str(source), **kwargs)
+    model_class = getattr(optimum.intel, MODEL_CLASSES[params["task"]])
+    model = model_class.from_pretrained(str(source), **kwargs)
     model.save_pretrained(out)
-    if params["precision"] == "fp16":
+    if params["precision"] == "fp16" and params["task"] != "text2text-generation-with-past":
         ov.save_model(model.model, out / "openvino_model.xml", compress_to_fp16=True)
     tokenizer.save_pretrained(out)
+    copy_pooling(source, out)
     if params.get("openvino_tokenizer"):
         say("converting the tokenizer (openvino-tokenizers)")
         from openvino_tokenizers import convert_tokenizer
@@ -79,7 +103,10 @@ def run(job: dict) -> dict[str, Any]:
         ov_tokenizer, ov_detokenizer = convert_tokenizer(tokenizer, with_detokenizer=True)
         ov.save_model(ov_tokenizer, out / "openvino_tokenizer.xml")
         ov.save_model(ov_detokenizer, out / "openvino_detokenizer.xml")
-    facts["weight_bytes"] = weight_bytes(ov.Core().read_model(out / "openvino_model.xml"))
+    sizes: Counter[str] = Counter()
+    for xml in ir_files(out):
+        sizes.update(weight_bytes(ov.Core().read_model(xml)))
+    facts["weight_bytes"] = dict(sorted(sizes.items()))
     say("done")
     return facts
 

@@ -141,3 +141,33 @@ class TransformersModel(Model):
             if token in self.eos_token_ids:
                 return ids[: i + 1]
         return ids
+
+
+class Seq2SeqModel(TransformersModel):
+    """An encoder-decoder (T5-style, task text2text-generation): the prompt is the encoder's input,
+    the new tokens are the whole decoder output, so nothing is sliced off or decoded in context."""
+
+    def decode_continuation(self, prompt_ids: list[int], new: list[int]) -> str:
+        return self.decode(new)
+
+    def _generate_batch(self, batch: list[list[int]], sampling: Sampling) -> list[list[int]]:
+        """One generate call: inputs right-padded (the encoder sees all of each, masked), outputs
+        without the decoder's start token."""
+        import torch
+
+        width = max(len(ids) for ids in batch)
+        input_ids = torch.tensor([ids + [self.pad_token_id] * (width - len(ids)) for ids in batch], dtype=torch.long)
+        mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in batch], dtype=torch.long)
+        output = self._generate(input_ids, mask, sampling)
+        return [self._until_eos(row[1:]) for row in output.tolist()]
+
+    def decoder_logits(self, input_ids: list[int], target_ids: list[int]) -> Any:
+        """Teacher-forced decoder logits [len(target_ids), vocab] (engine.task_eval.decoder_logits)."""
+        from ..task_eval import decoder_logits
+
+        return decoder_logits(self.native, input_ids, target_ids)
+
+    def logits(self, ids: list[int]) -> Any:
+        from ..tasks import wrong_task
+
+        raise wrong_task(self, "text-generation", "return causal next-token logits (use decoder_logits)")
