@@ -84,10 +84,14 @@ def apply(recipe: Recipe | str | Path, locations: Locations | None = None, *, fo
 def apply_recipes(recipes: Iterable[Recipe], locations: Locations | None = None, *, skipped: list[Skipped] = (),
                   force: bool = False, dry_run: bool = False,
                   progress: Callable[[str], Progress] = lambda name: quiet,
-                  on_outcome: Callable[[Outcome], None] = lambda outcome: None) -> SweepResult:
+                  on_outcome: Callable[[Outcome], None] = lambda outcome: None, executor=None) -> SweepResult:
     """Apply each recipe in turn; an EngineError in one is recorded and the next one runs.
-    `progress(name)` gives the progress callback for one variant; `on_outcome` hears each result."""
+    `progress(name)` gives the progress callback for one variant; `on_outcome` hears each result.
+    An `executor` (engine.executors: local processes or Ray) runs the variants in parallel instead."""
     locations = locations or resolve()
+    if executor is not None and not dry_run:  # variants in parallel (engine.executors)
+        return executor.apply(list(recipes), locations, skipped=list(skipped), force=force, progress=progress,
+                              on_outcome=on_outcome)
     outcomes = []
     for recipe in recipes:
         try:
@@ -114,10 +118,17 @@ def apply_recipe(recipe: Recipe, locations: Locations, *, force: bool = False, d
     if force or store.get(plan.build.key) is None:
         plan.runtime.check_available(recipe.data)
     with _applying(plan, store, locations, force):
-        entry = _build(plan, store, ran, progress, force)
-        evaluation = _evaluate(plan, store, entry, ran, progress, force) if plan.spec else None
+        entry, evaluation = run_steps(plan, store, ran, progress, force)
         variant, created = _register(plan, store, entry, ran, evaluation, locations)
     return ApplyResult(plan, variant, created, ran, time.perf_counter() - started)
+
+
+def run_steps(plan: Plan, store: Store, ran: list[StepRecord], progress: Progress = quiet,
+              force: bool = False) -> tuple[Entry, dict | None]:
+    """Every step of one variant short of registering it (the build, then the evaluation when the
+    recipe asks for one): what a parallel executor's worker runs, the driver registering after."""
+    entry = _build(plan, store, ran, progress, force)
+    return entry, (_evaluate(plan, store, entry, ran, progress, force) if plan.spec else None)
 
 
 @contextlib.contextmanager
