@@ -263,9 +263,10 @@ class LocalExecutor(Executor):
                     if task.attempts <= self.retries:
                         pending.appendleft(task)
                         continue
+                    how = f"was killed by signal {-proc.exitcode}" if (proc.exitcode or 0) < 0 else \
+                        f"exited ({proc.exitcode}) without a result"
                     yield task, WorkerLost(
-                        f"{task.name}: its worker process died (exit {proc.exitcode}) {task.attempts} time(s); "
-                        "nothing was registered",
+                        f"{task.name}: its worker process {how}, {task.attempts} time(s); nothing was registered",
                         hint="a kill or the out-of-memory killer; run with fewer --jobs or apply again")
         finally:  # Ctrl-C or an error here: stop what runs (their build children die with them)
             _stop([proc for _, proc in running.values()])
@@ -288,14 +289,14 @@ def _stop(procs: list) -> None:
 def make_executor(jobs: int, executor: str = "local", address: str | None = None,
                   retries: int = 1) -> Executor | None:
     """The executor `engine apply` options ask for; None for the serial apply (one job, local)."""
-    import importlib.util
-
     if executor == "ray":
-        if importlib.util.find_spec("ray") is None:
+        try:
+            from .ray_executor import RayExecutor
+        except ImportError as error:
+            if (error.name or "").split(".")[0] != "ray":
+                raise
             raise EngineError("`--executor ray` needs Ray, which is not installed in this environment",
-                              hint="pip install 'engine[ray]' (the same on every node of the cluster)")
-        from .ray_executor import RayExecutor
-
+                              hint="pip install 'engine[ray]' (the same on every node of the cluster)") from None
         return RayExecutor(address, retries)
     if address is not None:
         raise EngineError("--address names a Ray cluster; it needs --executor ray",
