@@ -208,3 +208,21 @@ def test_ray_missing_says_how_to_install(tmp_path) -> None:
     assert "needs Ray" in proc.stderr and "pip install 'engine[ray]'" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (work / ".engine" / "artifacts").exists()
+
+
+def test_a_shared_store_sweeps_only_this_hosts_dead_builds(tmp_path) -> None:
+    """On a store shared by several nodes, a pid names a process on its own host: another node's
+    build in progress must survive this node's sweep, this node's dead build must not."""
+    from engine.store import _HOST, Store
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    store = Store(tmp_path / "st")
+    (tmp_path / "st" / "staging").mkdir(parents=True)
+    other = "0" * 8 if _HOST != "0" * 8 else "1" * 8
+    theirs = tmp_path / "st" / "staging" / f"{'a' * 64}.{dead}.{other}deadbeef"
+    ours = tmp_path / "st" / "staging" / f"{'b' * 64}.{dead}.{_HOST}deadbeef"
+    for folder in (theirs, ours):
+        folder.mkdir()
+    assert store.sweep_staging() == [ours]
+    assert theirs.is_dir()
