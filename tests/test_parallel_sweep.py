@@ -226,3 +226,23 @@ def test_a_shared_store_sweeps_only_this_hosts_dead_builds(tmp_path) -> None:
         folder.mkdir()
     assert store.sweep_staging() == [ours]
     assert theirs.is_dir()
+
+
+def test_the_shared_source_is_made_once_by_the_driver(tmp_path) -> None:
+    """A source that is itself a step (here a synthetic model) is made once, before the workers start,
+    and recorded as made by one variant only; the other finds it cached."""
+    work = tmp_path / "syn"
+    work.mkdir()
+    (work / "sweep.yaml").write_text(
+        "name: syn-{weight_dtype}\nsource:\n  synthetic: {architecture: phi3, seed: 0}\n"
+        "quantization: {scheme: sym, group_size: 32, skip_modules: [lm_head]}\n"
+        "target: {runtime: onnxruntime-genai}\nmatrix:\n  quantization.weight_dtype: [int8, int4]\n")
+    proc = engine("apply", "sweep.yaml", "--jobs", "2", cwd=work)
+    assert proc.stdout.count("registered") == 2, proc.stdout
+    assert proc.stderr.count("making the source") == 1, proc.stderr
+    assert proc.stderr.index("making the source") < proc.stderr.index("building on process")
+    made = []
+    for name in ("syn-int8", "syn-int4"):
+        steps = json.loads(engine("show", name, "--json", cwd=work).stdout)["steps"]
+        made += [s["cached"] is False for s in steps if s["kind"] == "source"]
+    assert sorted(made) == [False, True]
