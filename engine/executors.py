@@ -1,7 +1,7 @@
-"""Run a sweep's variants in parallel: the driver side every executor shares, and local processes.
+"""Run a sweep's variants in parallel: the driver side every executor shares, and the worker's job.
 
 The driver plans every variant, makes each shared source once, hands the variants whose steps are
-missing to workers (local processes here, Ray tasks in engine.ray_executor), and registers each
+missing to workers (processes in engine.local_executor, Ray tasks in engine.ray_executor), and registers each
 result as it arrives, in one registry transaction per variant as a serial apply does. Workers only
 write into the store (each step under its key's lock, committed with one rename), so a worker killed
 mid-build leaves nothing registered; it is retried (`retries`) or reported failed, and the others go
@@ -11,15 +11,10 @@ key the driver planned.
 from __future__ import annotations
 
 import contextlib
-import multiprocessing
-import os
 import pickle
-import signal
 import time
-from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from multiprocessing.connection import wait as wait_any
+from dataclasses import dataclass
 
 from .errors import EngineError
 from .paths import Locations
@@ -31,7 +26,7 @@ from .records import StepRecord
 from .steps import Progress, quiet
 from .store import Store
 
-__all__ = ["Done", "Executor", "LocalExecutor", "Task", "WorkerLost", "mem_available", "work"]
+__all__ = ["Done", "Executor", "KeyMismatch", "Task", "WorkerLost", "make_executor", "portable", "work"]
 
 
 class WorkerLost(EngineError):
@@ -65,7 +60,6 @@ class Done:
     build_key: str
     evaluation: dict | None
     seconds: float
-    pid: int = field(default_factory=os.getpid)
 
 
 def work(recipe: Recipe, locations: Locations, force: bool) -> Done:
@@ -90,18 +84,6 @@ def portable(error: EngineError) -> EngineError:
         copy = EngineError(error.message, error.hint)
         copy.exit_code = error.exit_code
         return copy
-
-
-def mem_available() -> int | None:
-    """MemAvailable from /proc/meminfo in bytes (None off Linux)."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
 
 
 def estimate_of(plan: Plan) -> int | None:
@@ -174,10 +156,18 @@ class Executor:
             device = plan.recipe.data["target"].get("device", "cpu")
             tasks.append(Task(index, recipes[index], estimate_of(plan), gpus=0 if device == "cpu" else 1))
 
-        def started(task: Task, where: str) -> None:
-            progress(task.name)(f"building on {where}", False)
+        def started(task: Task, what: str) -> None:
+            progress(task.name)(what, False)
 
-        for task, result in self.run(tasks, locations, force, started):
+        with contextlib.closing(self.run(tasks, locations, force, started)) as results:  # closed: workers stopped
+            self._register_each(results, plans, first_of, store, locations, finish)
+
+    @staticmethod
+    def _register_each(results: Iterator[tuple[Task, Done | EngineError]], plans: dict[int, Plan],
+                       first_of: dict[int, list[StepRecord]], store: Store, locations: Locations,
+                       finish: Callable[[int, Outcome], None]) -> None:
+        """Register each variant as its worker reports (one transaction each), checking its keys."""
+        for task, result in results:
             plan = plans[task.index]
             if isinstance(result, EngineError):
                 finish(task.index, Outcome(task.name, error=result))
@@ -199,93 +189,6 @@ class Executor:
                 finish(task.index, Outcome(task.name, error=error))
 
 
-# -- local processes ---------------------------------------------------------------------------
-def _child(conn, recipe: Recipe, locations: Locations, force: bool) -> None:
-    """A local worker process: one variant, its result (or its error) sent down the pipe."""
-    try:
-        try:
-            conn.send(("done", work(recipe, locations, force)))
-        except EngineError as error:
-            conn.send(("error", portable(error)))
-        except Exception as error:  # noqa: BLE001 - a bug: reported as this variant's failure, not retried
-            conn.send(("error", EngineError(f"{recipe.name}: the worker failed: {type(error).__name__}: {error}")))
-    except KeyboardInterrupt:  # Ctrl-C reached the whole process group: the staging folder is gone already
-        os._exit(130)
-
-
-class LocalExecutor(Executor):
-    """Up to `jobs` variants at once in child processes on this machine, admitted so the sum of
-    their memory estimates fits MemAvailable (a variant without an estimate needs only a slot;
-    one larger than the whole budget runs alone)."""
-
-    def __init__(self, jobs: int, retries: int = 1, budget: int | None = None) -> None:
-        self.jobs, self.retries = max(1, jobs), retries
-        self.budget = budget if budget is not None else mem_available()
-
-    def _fits(self, task: Task, running: list[Task]) -> bool:
-        if not running:
-            return True
-        if task.estimate is None or self.budget is None:
-            return True
-        return sum(t.estimate or 0 for t in running) + task.estimate <= self.budget
-
-    def run(self, tasks, locations, force, started):
-        context = multiprocessing.get_context("spawn")  # a fresh interpreter: no inherited locks or threads
-        pending = deque(tasks)
-        running: dict[object, tuple[Task, multiprocessing.Process]] = {}
-        try:
-            while pending or running:
-                while pending and len(running) < self.jobs:
-                    active = [t for t, _ in running.values()]
-                    task = next((t for t in pending if self._fits(t, active)), None)
-                    if task is None:
-                        break
-                    pending.remove(task)
-                    ours, theirs = context.Pipe(duplex=False)
-                    proc = context.Process(target=_child, args=(theirs, task.recipe, locations, force),
-                                           name=f"engine-{task.name}", daemon=True)
-                    proc.start()
-                    theirs.close()  # only the child holds its end: its death is an EOF here
-                    running[ours] = (task, proc)
-                    started(task, f"process {proc.pid}")
-                for conn in wait_any(list(running)):
-                    task, proc = running.pop(conn)
-                    try:
-                        kind, payload = conn.recv()
-                    except (EOFError, OSError):
-                        kind, payload = "lost", None
-                    conn.close()
-                    proc.join()
-                    if kind != "lost":
-                        yield task, payload
-                        continue
-                    task.attempts += 1
-                    if task.attempts <= self.retries:
-                        pending.appendleft(task)
-                        continue
-                    how = f"was killed by signal {-proc.exitcode}" if (proc.exitcode or 0) < 0 else \
-                        f"exited ({proc.exitcode}) without a result"
-                    yield task, WorkerLost(
-                        f"{task.name}: its worker process {how}, {task.attempts} time(s); nothing was registered",
-                        hint="a kill or the out-of-memory killer; run with fewer --jobs or apply again")
-        finally:  # Ctrl-C or an error here: stop what runs (their build children die with them)
-            _stop([proc for _, proc in running.values()])
-
-
-def _stop(procs: list) -> None:
-    """SIGINT each worker (it cleans its staging folder), then kill what is still there after 5 s."""
-    for proc in procs:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, signal.SIGINT)
-    deadline = time.monotonic() + 5
-    for proc in procs:
-        proc.join(max(0.0, deadline - time.monotonic()))
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
-
-
-
 def make_executor(jobs: int, executor: str = "local", address: str | None = None,
                   retries: int = 1) -> Executor | None:
     """The executor `engine apply` options ask for; None for the serial apply (one job, local)."""
@@ -301,4 +204,8 @@ def make_executor(jobs: int, executor: str = "local", address: str | None = None
     if address is not None:
         raise EngineError("--address names a Ray cluster; it needs --executor ray",
                           hint="engine apply SWEEP.yaml --executor ray --address HOST:6379")
-    return LocalExecutor(jobs, retries) if jobs > 1 else None
+    if jobs <= 1:
+        return None
+    from .local_executor import LocalExecutor
+
+    return LocalExecutor(jobs, retries)

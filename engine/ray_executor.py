@@ -73,7 +73,7 @@ class RayExecutor(Executor):
             largest = self._largest_node_memory()
             for task in tasks:
                 refs[self._submit(task, locations, force, largest)] = task
-                started(task, "ray")
+                started(task, "sent to the Ray cluster")
             while refs:
                 ready, _ = ray.wait(list(refs), num_returns=1)
                 task = refs.pop(ready[0])

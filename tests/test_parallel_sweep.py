@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 
 from engine.discovery import get_runtime
-from engine.executors import LocalExecutor, Task
+from engine.executors import Task
+from engine.local_executor import LocalExecutor
 from tests.clirun import engine
 from tests.runtimes_present import unavailable
 
@@ -124,8 +125,8 @@ def test_jobs_two_same_keys_and_bytes_with_a_killed_worker_retried(serial, tmp_p
     work = _workdir(tmp_path / "jobs")
     proc, killed = _apply_killing_one(work, "--jobs", "2")
     _assert_same(work, serial, proc)
-    assert f"process {killed}" in proc.stderr  # the killed worker was one of ours, and its variant ran again
-    assert proc.stderr.count("building on process") == 5, proc.stderr
+    assert f"building in process {killed}" in proc.stderr  # the killed worker was one of ours, and its variant ran again
+    assert proc.stderr.count("building in process") == 5, proc.stderr
 
 
 def test_jobs_worker_lost_with_no_retries_fails_that_variant_only(tmp_path) -> None:
@@ -240,7 +241,7 @@ def test_the_shared_source_is_made_once_by_the_driver(tmp_path) -> None:
     proc = engine("apply", "sweep.yaml", "--jobs", "2", cwd=work)
     assert proc.stdout.count("registered") == 2, proc.stdout
     assert proc.stderr.count("making the source") == 1, proc.stderr
-    assert proc.stderr.index("making the source") < proc.stderr.index("building on process")
+    assert proc.stderr.index("making the source") < proc.stderr.index("building in process")
     made = []
     for name in ("syn-int8", "syn-int4"):
         steps = json.loads(engine("show", name, "--json", cwd=work).stdout)["steps"]
