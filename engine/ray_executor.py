@@ -44,6 +44,8 @@ class RayExecutor(Executor):
         if ray.is_initialized():
             return False
         options = dict(ignore_reinit_error=True, log_to_driver=False, logging_level=logging.WARNING)
+        # Ray's notice that its default token authentication is on: not the user's concern on every apply
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         if self.address is None and not os.environ.get("RAY_ADDRESS"):  # this machine alone, gone with us
             options["include_dashboard"] = False
         try:
