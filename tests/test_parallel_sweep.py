@@ -127,6 +127,15 @@ def test_jobs_two_same_keys_and_bytes_with_a_killed_worker_retried(serial, tmp_p
     _assert_same(work, serial, proc)
     assert f"building in process {killed}" in proc.stderr  # the killed worker was one of ours, and its variant ran again
     assert proc.stderr.count("building in process") == 5, proc.stderr
+    again = engine("apply", "sweep.yaml", "--jobs", "2", cwd=work)  # all cached: registered by the driver, no worker
+    assert again.stdout.count("up to date") == 4 and "building" not in again.stderr, again.stdout + again.stderr
+
+
+def test_address_without_ray_executor_is_a_usage_mistake(tmp_path) -> None:
+    work = _workdir(tmp_path / "addr")
+    proc = engine("apply", "sweep.yaml", "--address", "127.0.0.1:6379", cwd=work, check=None)
+    assert proc.returncode != 0 and "needs --executor ray" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (work / ".engine" / "artifacts").exists()
 
 
 def test_jobs_worker_lost_with_no_retries_fails_that_variant_only(tmp_path) -> None:
