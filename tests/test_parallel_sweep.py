@@ -256,3 +256,13 @@ def test_the_shared_source_is_made_once_by_the_driver(tmp_path) -> None:
         steps = json.loads(engine("show", name, "--json", cwd=work).stdout)["steps"]
         made += [s["cached"] is False for s in steps if s["kind"] == "source"]
     assert sorted(made) == [False, True]
+
+
+def test_ray_worker_lost_with_no_retries_fails_that_variant_only(ray_address, tmp_path) -> None:
+    work = _workdir(tmp_path / "raynoretry", groups="[32]")
+    proc, _ = _apply_killing_one(work, "--executor", "ray", "--address", ray_address, "--retries", "0", check=None)
+    assert proc.returncode != 0
+    assert proc.stdout.count("registered") == 1, proc.stdout + proc.stderr
+    assert "its Ray worker was lost" in proc.stderr and "nothing was registered" in proc.stderr, proc.stderr
+    assert "1 of 2 variant(s) failed" in proc.stderr
+    assert len(json.loads(engine("ls", "--json", cwd=work).stdout)) == 1
