@@ -19,6 +19,7 @@ from .errors import EngineError
 from .executors import Executor, Task, WorkerLost, portable, work
 from .paths import Locations
 from .recipe import Recipe
+from .subproc import _die_with_parent as die_with_parent  # the build children's own guard
 
 
 def mem_available() -> int | None:
@@ -34,7 +35,9 @@ def mem_available() -> int | None:
 
 
 def _child(conn, recipe: Recipe, locations: Locations, force: bool) -> None:
-    """A local worker process: one variant, its result (or its error) sent down the pipe."""
+    """A local worker process: one variant, its result (or its error) sent down the pipe. It dies
+    with the driver (kill -9 included), and its build child with it."""
+    die_with_parent()
     try:
         try:
             conn.send(("done", work(recipe, locations, force)))

@@ -266,3 +266,26 @@ def test_ray_worker_lost_with_no_retries_fails_that_variant_only(ray_address, tm
     assert "its Ray worker was lost" in proc.stderr and "nothing was registered" in proc.stderr, proc.stderr
     assert "1 of 2 variant(s) failed" in proc.stderr
     assert len(json.loads(engine("ls", "--json", cwd=work).stdout)) == 1
+
+
+def test_a_killed_driver_takes_its_workers_with_it(tmp_path) -> None:
+    """kill -9 of `engine apply --jobs 2`: its worker processes (and so their build children) die too,
+    nothing is registered, and the next apply sweeps their staging folders."""
+    work = _workdir(tmp_path / "driverkill", groups="[32]")
+    proc = subprocess.Popen([sys.executable, "-m", "engine", "apply", "sweep.yaml", "--jobs", "2"], cwd=work,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    staging = work / ".engine" / "staging"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (staging.is_dir() and any(staging.iterdir())):
+        time.sleep(0.1)
+    workers = {int(p.name.rsplit(".", 2)[1]) for p in staging.iterdir()}
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 10
+    alive = workers
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.2)
+        alive = {pid for pid in workers if Path(f"/proc/{pid}").exists()
+                 and "zombie" not in Path(f"/proc/{pid}/status").read_text()}
+    assert not alive, f"workers outlived their driver: {alive}"
+    assert json.loads(engine("ls", "--json", cwd=work).stdout) == []
