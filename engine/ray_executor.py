@@ -77,7 +77,9 @@ class RayExecutor(Executor):
                 refs[self._submit(task, locations, force, largest)] = task
                 started(task, "sent to the Ray cluster")
             while refs:
-                ready, _ = ray.wait(list(refs), num_returns=1)
+                ready, _ = ray.wait(list(refs), num_returns=1, timeout=0.5)  # short: Ctrl-C is seen between
+                if not ready:
+                    continue
                 task = refs.pop(ready[0])
                 try:
                     kind, payload = ray.get(ready[0])

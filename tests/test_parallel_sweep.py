@@ -289,3 +289,29 @@ def test_a_killed_driver_takes_its_workers_with_it(tmp_path) -> None:
                  and "zombie" not in Path(f"/proc/{pid}/status").read_text()}
     assert not alive, f"workers outlived their driver: {alive}"
     assert json.loads(engine("ls", "--json", cwd=work).stdout) == []
+
+
+def test_ray_ctrl_c_cancels_the_running_tasks(ray_address, tmp_path) -> None:
+    """Ctrl-C of the driver: its running Ray tasks are cancelled (their workers killed), exit 130,
+    nothing registered; the cluster itself stays up for others."""
+    work = _workdir(tmp_path / "rayint", groups="[32]")
+    proc = subprocess.Popen([sys.executable, "-m", "engine", "apply", "sweep.yaml", "--executor", "ray",
+                             "--address", ray_address], cwd=work, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    staging = work / ".engine" / "staging"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (staging.is_dir() and any(staging.iterdir())):
+        time.sleep(0.1)
+    time.sleep(2)
+    workers = {int(p.name.rsplit(".", 2)[1]) for p in staging.iterdir()}
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    deadline = time.monotonic() + 10
+    alive = workers
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.2)
+        alive = {pid for pid in workers if Path(f"/proc/{pid}").exists()
+                 and "zombie" not in Path(f"/proc/{pid}/status").read_text()}
+    assert not alive, f"Ray workers still building after Ctrl-C: {alive}"
+    assert json.loads(engine("ls", "--json", cwd=work).stdout) == []
