@@ -68,9 +68,10 @@ class SweepResult:
 
 def apply(recipe: Recipe | str | Path, locations: Locations | None = None, *, force: bool = False,
           dry_run: bool = False, progress: Progress = quiet, registry: str | Path | None = None,
-          store: str | Path | None = None) -> ApplyResult | SweepResult:
+          store: str | Path | None = None, executor=None) -> ApplyResult | SweepResult:
     """Apply a recipe file (or a loaded Recipe). A sweep (a file with `matrix:`) gives a SweepResult:
-    every valid combination applied, one failure not stopping the others."""
+    every valid combination applied, one failure not stopping the others; in parallel with an
+    `executor` (engine.executors.make_executor(2), or make_executor(1, "ray", address))."""
     locations = locations or resolve(registry, store)
     if isinstance(recipe, Recipe):
         return apply_recipe(recipe, locations, force=force, dry_run=dry_run, progress=progress)
@@ -78,7 +79,7 @@ def apply(recipe: Recipe | str | Path, locations: Locations | None = None, *, fo
     if len(recipes) == 1 and recipes[0].matrix is None:
         return apply_recipe(recipes[0], locations, force=force, dry_run=dry_run, progress=progress)
     return apply_recipes(recipes, locations, skipped=skipped, force=force, dry_run=dry_run,
-                         progress=lambda name: progress)
+                         progress=lambda name: progress, executor=executor)
 
 
 def apply_recipes(recipes: Iterable[Recipe], locations: Locations | None = None, *, skipped: list[Skipped] = (),
