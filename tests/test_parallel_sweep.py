@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -191,6 +192,7 @@ def ray_address():
         yield context.address_info["gcs_address"]
     finally:
         ray.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def test_ray_same_keys_and_bytes_with_a_killed_worker_retried(serial, ray_address, tmp_path) -> None:
