@@ -87,11 +87,23 @@ def schema(runtime: str | None) -> None:
 @click.argument("recipes", nargs=-1, required=True, type=click.Path())
 @click.option("--dry-run", is_flag=True, help="Print the plan (cached or to build, per step) and stop.")
 @click.option("--force", is_flag=True, help="Rebuild even when the store has the artifact.")
+@click.option("--jobs", "-j", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Variants built at once on this machine (admitted by their memory estimates).")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="Where variants run: local processes, or Ray tasks (needs engine[ray]).")
+@click.option("--address", help="The Ray cluster (host:port) for --executor ray. [default $RAY_ADDRESS, else "
+              "a cluster of this machine]")
+@click.option("--retries", type=click.IntRange(min=0), default=1, show_default=True,
+              help="Times a variant whose worker died is run again (--jobs > 1 or --executor ray).")
 @click.pass_obj
-def apply(loc: Locations, recipes: tuple[str, ...], dry_run: bool, force: bool) -> None:
+def apply(loc: Locations, recipes: tuple[str, ...], dry_run: bool, force: bool, jobs: int, executor: str,
+          address: str | None, retries: int) -> None:
     """Validate, plan, run the missing steps and register each recipe's variant."""
+    from .executors import make_executor
     from .pipeline import apply_recipes
     from .recipe import load_recipes
+
+    runner = make_executor(jobs, executor, address, retries)  # before any work: a missing Ray says so now
 
     loaded, skipped = [], []
     for path in recipes:  # every recipe valid before any work
@@ -113,7 +125,8 @@ def apply(loc: Locations, recipes: tuple[str, ...], dry_run: bool, force: bool) 
         else:
             _print_applied(outcome.result)
 
-    result = apply_recipes(loaded, loc, force=force, dry_run=dry_run, progress=_progress, on_outcome=show)
+    result = apply_recipes(loaded, loc, force=force, dry_run=dry_run, progress=_progress, on_outcome=show,
+                           executor=runner if len(loaded) > 1 else None)
     failed = result.failed
     if len(loaded) == 1 and failed:
         raise failed[0].error

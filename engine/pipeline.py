@@ -69,9 +69,10 @@ class SweepResult:
 
 def apply(recipe: Recipe | str | Path, locations: Locations | None = None, *, force: bool = False,
           dry_run: bool = False, progress: Progress = quiet, registry: str | Path | None = None,
-          store: str | Path | None = None) -> ApplyResult | SweepResult:
+          store: str | Path | None = None, executor=None) -> ApplyResult | SweepResult:
     """Apply a recipe file (or a loaded Recipe). A sweep (a file with `matrix:`) gives a SweepResult:
-    every valid combination applied, one failure not stopping the others."""
+    every valid combination applied, one failure not stopping the others; in parallel with an
+    `executor` (engine.executors.make_executor(2), or make_executor(1, "ray", address))."""
     locations = locations or resolve(registry, store)
     if isinstance(recipe, Recipe):
         return apply_recipe(recipe, locations, force=force, dry_run=dry_run, progress=progress)
@@ -79,16 +80,20 @@ def apply(recipe: Recipe | str | Path, locations: Locations | None = None, *, fo
     if len(recipes) == 1 and recipes[0].matrix is None:
         return apply_recipe(recipes[0], locations, force=force, dry_run=dry_run, progress=progress)
     return apply_recipes(recipes, locations, skipped=skipped, force=force, dry_run=dry_run,
-                         progress=lambda name: progress)
+                         progress=lambda name: progress, executor=executor)
 
 
 def apply_recipes(recipes: Iterable[Recipe], locations: Locations | None = None, *, skipped: list[Skipped] = (),
                   force: bool = False, dry_run: bool = False,
                   progress: Callable[[str], Progress] = lambda name: quiet,
-                  on_outcome: Callable[[Outcome], None] = lambda outcome: None) -> SweepResult:
+                  on_outcome: Callable[[Outcome], None] = lambda outcome: None, executor=None) -> SweepResult:
     """Apply each recipe in turn; an EngineError in one is recorded and the next one runs.
-    `progress(name)` gives the progress callback for one variant; `on_outcome` hears each result."""
+    `progress(name)` gives the progress callback for one variant; `on_outcome` hears each result.
+    An `executor` (engine.executors: local processes or Ray) runs the variants in parallel instead."""
     locations = locations or resolve()
+    if executor is not None and not dry_run:  # variants in parallel (engine.executors)
+        return executor.apply(list(recipes), locations, skipped=list(skipped), force=force, progress=progress,
+                              on_outcome=on_outcome)
     outcomes = []
     for recipe in recipes:
         try:
@@ -115,10 +120,17 @@ def apply_recipe(recipe: Recipe, locations: Locations, *, force: bool = False, d
     if force or store.get(plan.build.key) is None:
         plan.runtime.check_available(recipe.data)
     with _applying(plan, store, locations, force):
-        entry = _build(plan, store, ran, progress, force)
-        evaluation = _evaluate(plan, store, entry, ran, progress, force) if plan.spec else None
+        entry, evaluation = run_steps(plan, store, ran, progress, force)
         variant, created = _register(plan, store, entry, ran, evaluation, locations)
     return ApplyResult(plan, variant, created, ran, time.perf_counter() - started)
+
+
+def run_steps(plan: Plan, store: Store, ran: list[StepRecord], progress: Progress = quiet,
+              force: bool = False) -> tuple[Entry, dict | None]:
+    """Every step of one variant short of registering it (the build, then the evaluation when the
+    recipe asks for one): what a parallel executor's worker runs, the driver registering after."""
+    entry = _build(plan, store, ran, progress, force)
+    return entry, (_evaluate(plan, store, entry, ran, progress, force) if plan.spec else None)
 
 
 @contextlib.contextmanager

@@ -6,7 +6,7 @@ Layout (pinned by tests/test_store.py)::
       artifacts/<key>/manifest.json   # written last inside staging; present => entry complete
       artifacts/<key>/files/...       # the payload a runtime loads
       artifacts/<key>/logs/...        # build logs (not hashed, not part of the payload)
-      staging/<key>.<pid>.<token>/    # a build in progress; never read by anyone else
+      staging/<key>.<pid>.<token>/    # a build in progress; never read by anyone else (token: host+random)
       trash/                          # entries being replaced or removed
       locks/<key>.lock                # one builder per key at a time (flock)
       locks/gc.lock                   # every apply holds it shared, gc exclusive: never both
@@ -30,6 +30,7 @@ import json
 import os
 import secrets
 import shutil
+import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -180,7 +181,7 @@ class Store:
     def staging(self, key: str) -> Iterator[Staging]:
         """A fresh private folder; removed on the way out unless it was committed."""
         self.sweep_staging()
-        root = self._dir("staging") / f"{key}.{os.getpid()}.{secrets.token_hex(4)}"
+        root = self._dir("staging") / f"{key}.{os.getpid()}.{_HOST}{secrets.token_hex(4)}"
         stage = Staging(key, root)
         stage.files_dir.mkdir(parents=True)
         stage.logs_dir.mkdir()
@@ -228,12 +229,24 @@ class Store:
         if not folder.is_dir():
             return removed
         for path in folder.iterdir():
+            if not _this_host(path.name):  # another node's build on a shared store: its pid means nothing here
+                continue
             pid = _owner_pid(path.name)
             if pid is None or not _alive(pid):
                 shutil.rmtree(path, ignore_errors=True)
                 removed.append(path)
         shutil.rmtree(self.root / "trash", ignore_errors=True)
         return removed
+
+
+#: this machine in a staging folder's name (`<key>.<pid>.<host tag><random>`): nodes sharing one store
+#: over a network filesystem sweep only their own dead builds' folders (a pid is only valid on its host)
+_HOST = content_key(socket.gethostname())[:8]
+
+
+def _this_host(name: str) -> bool:
+    token = name.rsplit(".", 1)[-1]
+    return len(token) != 16 or token[:8] == _HOST  # the older 8-character token: written on this host
 
 
 def _owner_pid(name: str) -> int | None:
