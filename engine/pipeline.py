@@ -161,8 +161,11 @@ def _build(plan: Plan, store: Store, ran: list[StepRecord], progress: Progress, 
         source_dir = _materialize(plan, store, ran, progress)
         if len(ran) == before:  # nothing was made: a local folder, a hub snapshot or a cached source
             ran.append(plan.steps[0].record(plan.steps[0].hit, time.perf_counter() - t0))
+        inputs = step.inputs
+        if plan.runtime.build_env is not None:  # made once under the store, then reused (engine.buildenv)
+            inputs = {**inputs, "_build_python": str(plan.runtime.build_env.ensure(store.root / "envs", progress))}
         progress(f"building {step.detail}", False)
-        meta = plan.runtime.build(source_dir, stage.files_dir, step.inputs, stage.logs_dir,
+        meta = plan.runtime.build(source_dir, stage.files_dir, inputs, stage.logs_dir,
                                   lambda line: progress(line, True))
         _check_unchanged(plan.source_type, plan.steps[0].key, store)
         progress(f"checking the {plan.runtime.name} artifact runs (one forward pass, one token)", False)

@@ -80,10 +80,13 @@ def make_plan(recipe: Recipe, store: Store, *, versions: VersionLookup = install
     # params named "_..." are build inputs whose content the key already holds (e.g. a file path
     # next to its content hash): they reach the runtime but not the key
     key_params = {k: v for k, v in params.items() if not k.startswith("_")}
-    build_key = content_key({
+    build_doc = {
         "step": "build", "runtime": runtime.name, "v": runtime.step_version,
         "params": key_params, "input": src_key, "versions": library,
-    })
+    }
+    if runtime.build_env is not None:  # the pins of its own environment (engine.buildenv)
+        build_doc["build_env"] = runtime.build_env.lock()
+    build_key = content_key(build_doc)
     steps = [
         StepPlan("source", src_key, described, identity.get("versions", {}),
                  source.status(store.get(src_key) is not None), source.detail(identity)),
