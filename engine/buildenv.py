@@ -3,7 +3,8 @@
 Some quantizers pin library versions the engine's environment cannot hold (llm-compressor wants
 transformers 5.15-5.17; optimum-intel and the ORT GenAI builder hold ours at 5.2-5.5). Such a runtime
 declares a `BuildEnv`: a lock file in this repository listing every distribution the environment
-installs itself, each pinned. The engine makes the environment once under `<store>/envs/`, reuses it,
+installs itself, each pinned. The engine makes the environment once under `<store>/envs/` (or
+$ENGINE_ENVS), reuses it,
 and runs the runtime's build child with its interpreter (engine.subproc.run_job(python=...)).
 
 How it stays small and harmless:
@@ -205,6 +206,12 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def envs_dir(store_root: Path) -> Path:
+    """Where build environments live: $ENGINE_ENVS (several stores, or a test session, share them),
+    else `<store>/envs`."""
+    return Path(os.environ.get("ENGINE_ENVS") or Path(store_root) / "envs").absolute()
+
+
 def _base_site_packages() -> str:
     """The engine's own site-packages (where torch is), appended after the env's."""
     return sysconfig.get_paths()["purelib"]
@@ -222,4 +229,4 @@ def env_description(python: Path) -> dict:
         return {}
 
 
-__all__ = ["BuildEnv", "BuildEnvFailed", "env_description"]
+__all__ = ["BuildEnv", "BuildEnvFailed", "env_description", "envs_dir"]

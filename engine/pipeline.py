@@ -163,7 +163,10 @@ def _build(plan: Plan, store: Store, ran: list[StepRecord], progress: Progress, 
             ran.append(plan.steps[0].record(plan.steps[0].hit, time.perf_counter() - t0))
         inputs = step.inputs
         if plan.runtime.build_env is not None:  # made once under the store, then reused (engine.buildenv)
-            inputs = {**inputs, "_build_python": str(plan.runtime.build_env.ensure(store.root / "envs", progress))}
+            from .buildenv import envs_dir
+
+            python = plan.runtime.build_env.ensure(envs_dir(store.root), progress)
+            inputs = {**inputs, "_build_python": str(python)}
         progress(f"building {step.detail}", False)
         meta = plan.runtime.build(source_dir, stage.files_dir, inputs, stage.logs_dir,
                                   lambda line: progress(line, True))

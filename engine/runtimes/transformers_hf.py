@@ -81,6 +81,7 @@ class TransformersRuntime(Runtime):
                          what="transformers quantization (llm-compressor oneshot)")
         env = env_description(Path(python))
         return {"implementation": "llmcompressor", "serving": SERVING,
+                "implementation_version": (result.get("build_versions") or {}).get("llmcompressor"),
                 "build_env": {"folder": str(Path(python).parent.parent), "lock": env.get("lock"),
                               "bytes": env.get("bytes")},
                 "weights_bytes": _weights_bytes(out_dir), "source_weights_bytes": _weights_bytes(source_dir),
