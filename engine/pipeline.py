@@ -26,6 +26,7 @@ from .registry import Registry
 from .sources import Materialize, Source
 from .steps import Progress, quiet, run_step
 from .store import Entry, Store
+from .variant_source import using_locations
 
 __all__ = ["ApplyResult", "Outcome", "SweepResult", "apply", "apply_recipe", "apply_recipes"]
 
@@ -105,7 +106,8 @@ def apply_recipe(recipe: Recipe, locations: Locations, *, force: bool = False, d
     """Plan one variant, run what is missing, register it."""
     started = time.perf_counter()
     store = Store(locations.store)
-    plan = make_plan(recipe, store)
+    with using_locations(locations):  # a `source: {variant: ...}` is looked up in this registry and store
+        plan = make_plan(recipe, store)
     if dry_run:
         if force:
             plan.build.status = "missing"

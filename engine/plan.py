@@ -14,6 +14,7 @@ from .errors import RecipeInvalid
 from .evaluation import eval_key, eval_spec, method, reference_key
 from .hashing import content_key
 from .preflight import check_eval_fits, path_too_long
+from .quantized_sources import source_issues
 from .recipe import Recipe
 from .runtime import Runtime
 from .sources import Source, source_from_recipe
@@ -64,9 +65,12 @@ def make_plan(recipe: Recipe, store: Store, *, versions: VersionLookup = install
         identity = source.identity(stat_cache, versions)
     except OSError as error:
         raise (path_too_long(recipe, error) or error) from error
-    src_key = source_key(identity)
+    src_key = source.store_key(identity) or source_key(identity)
     described = source.describe()
     record = {"kind": source.kind, "key": src_key, "identity": identity, "description": described}
+    prequantized = source_issues(recipe, runtime, source)  # a cycle, a quantized source, re-quantizing
+    if prequantized:
+        raise RecipeInvalid(prequantized)
     if source.format not in runtime.source_formats:
         raise RecipeInvalid([recipe.issue(("source",), f"runtime '{runtime.name}' cannot build from a {source.format} "
                                           "file", "a ready-made .gguf registers with `target.runtime: llama.cpp`; "

@@ -213,6 +213,9 @@ class Runtime(ABC):
     #: a virtualenv of its own for build() (engine.buildenv): its pins enter the build key, and the
     #: pipeline hands build() its interpreter as params["_build_python"]; None: builds run in ours
     build_env: BuildEnv | None = None
+    #: what its artifact folder is to other runtimes: "hf" (a Hugging Face checkpoint that can be the
+    #: source of another recipe, `source: {variant: ...}`); None: an artifact only this runtime reads
+    artifact_format: str | None = None
 
     # -- what a recipe gets where it leaves a field out ------------------------------------------------
     def defaults(self, recipe: dict) -> dict[str, Any]:

@@ -46,6 +46,7 @@ class TransformersRuntime(Runtime):
     step_version = 1
     hidden_meta = ("quantization_config", "build_env", "scheme")
     build_env = BUILD_ENV
+    artifact_format = "hf"
 
     def schema_document(self) -> dict:
         return load_schema("runtimes/transformers")
