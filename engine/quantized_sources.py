@@ -46,7 +46,7 @@ def source_issues(recipe: Any, runtime: Any, source: Any) -> list:
     issues = []
     if source.kind == "variant":
         parent = source.resolve()
-        names = [ref.split("@")[0] for ref in source.lineage]
+        names = [ref.split("@")[0] for ref in source.lineage if " " not in ref]
         if recipe.name in names:
             chain = " -> ".join([recipe.name, *source.lineage])
             issues.append(recipe.issue(("source", "variant"), f"a cycle: {chain}",

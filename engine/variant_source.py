@@ -138,7 +138,8 @@ class VariantSource(Source):
 
 
 def lineage(registry: Any, variant: Any, limit: int = 32) -> list[str]:
-    """[variant, its source variant, that one's source, ...] by ref, nearest first."""
+    """[variant, its source variant, that one's source, ..., the checkpoint it all started from],
+    nearest first."""
     chain = [variant.ref]
     current = variant
     while current.source_kind == "variant" and len(chain) < limit:
@@ -151,6 +152,10 @@ def lineage(registry: Any, variant: Any, limit: int = 32) -> list[str]:
             chain.append(f"{ref} (removed)")
             break
         chain.append(current.ref)
+    else:
+        if current.source_kind != "variant":  # the checkpoint the chain starts from
+            described = (current.source or {}).get("description") or {}
+            chain.append(f"{current.source_kind} " + ", ".join(f"{k}={v}" for k, v in sorted(described.items())))
     return chain
 
 

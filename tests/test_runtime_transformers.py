@@ -14,7 +14,7 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
-from clirun import engine
+from clirun import engine, private_copy
 from clirun import python_json as python
 from conftest import SITE_AT_START, site_packages_listing
 
@@ -170,3 +170,87 @@ def test_recipes_the_runtime_cannot_honour_are_refused(tmp_path, body, words):
     proc = engine("validate", str(recipe), cwd=tmp_path, check=None)
     assert proc.returncode != 0 and words in proc.stdout + proc.stderr, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+# -- a registered variant as the source of another recipe ------------------------------------------------
+def _ort_present() -> None:
+    try:
+        metadata.version("onnxruntime-genai")
+    except metadata.PackageNotFoundError:
+        pytest.skip("the chain builds with onnxruntime-genai (engine[ortgenai])")
+
+
+def write_child(folder: Path, name: str, source: str, runtime: str = "onnxruntime-genai") -> Path:
+    path = folder / f"{name}.yaml"
+    path.write_text(f"name: {name}\nsource: {source}\nquantization: {{weight_dtype: int4, group_size: 32, "
+                    f"scheme: asym}}\ntarget: {{runtime: {runtime}}}\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def chained(built, tmp_path_factory) -> Path:
+    """tiny-gptq (transformers) -> tiny-chain (onnxruntime-genai int4, from the dequantized checkpoint)."""
+    _ort_present()
+    work = private_copy(built, tmp_path_factory.mktemp("chain"))
+    engine("apply", str(write_child(work, "tiny-chain", "{variant: tiny-gptq@1, dequantize: true}")), cwd=work)
+    return work
+
+
+def test_a_variant_is_the_source_of_an_onnxruntime_genai_build_that_loads_and_runs(chained):
+    out = python("""
+        import json, numpy as np, engine
+        m = engine.load("tiny-chain")
+        text = m.generate("The history of", max_new_tokens=4)
+        print(json.dumps({"tokens": text.new_tokens, "finite": bool(np.isfinite(m.logits(m.encode("The city"))).all()),
+                          "source": m.info.source_kind}))
+    """, chained)
+    assert out == {"tokens": out["tokens"], "finite": True, "source": "variant"} and out["tokens"] >= 1
+    shown = engine("show", "tiny-chain", cwd=chained).stdout
+    assert "tiny-chain@1 <- tiny-gptq@1 <- synthetic" in shown, shown
+
+
+def test_the_source_key_is_the_parents_artifact_key(chained):
+    from engine.paths import resolve
+    from engine.plan import make_plan
+    from engine.recipe import load_recipes
+    from engine.registry import Registry
+    from engine.store import Store
+    from engine.variant_source import using_locations
+
+    locations = resolve(chained / "registry.db")
+    parent = Registry(locations.registry, readonly=True).get("tiny-gptq")
+    recipe = load_recipes(write_child(chained, "k", "{variant: tiny-gptq}", runtime="transformers"))[0][0]
+    with pytest.raises(Exception, match="already quantized"):
+        with using_locations(locations):
+            make_plan(recipe, Store(locations.store))
+    recipe = load_recipes(write_child(chained, "k2", "{variant: tiny-gptq}"))[0][0]
+    with using_locations(locations), pytest.raises(Exception, match="would quantize its weights again"):
+        make_plan(recipe, Store(locations.store))
+    from engine.variant_source import VariantSource
+
+    with using_locations(locations):
+        source = VariantSource({"variant": "tiny-gptq"}, chained)
+        assert source.store_key(source.identity(None)) == parent.artifact_key
+
+
+def test_rm_of_a_parent_needs_force_and_names_its_children(chained, tmp_path):
+    work = private_copy(chained, tmp_path)
+    proc = engine("rm", "tiny-gptq", cwd=work, check=1)
+    assert "tiny-gptq is the source of tiny-chain@1" in proc.stderr and "--force" in proc.stderr
+    engine("rm", "--force", "tiny-gptq", cwd=work)
+    assert "tiny-gptq@1 (removed)" in engine("show", "tiny-chain", cwd=work).stdout
+
+
+@pytest.mark.parametrize("name, source, words", [
+    ("q", "{variant: tiny-gptq}", "the source is already quantized: compressed-tensors"),
+    ("typo", "{variant: tiny-gptk}", "did you mean 'tiny-gptq'"),
+    ("tiny-gptq", "{variant: tiny-gptq, dequantize: true}", "a cycle: tiny-gptq -> tiny-gptq@1"),
+    ("of-ort", "{variant: tiny-chain}", "not a Hugging Face checkpoint"),
+    ("deq-float", "{synthetic: {seed: 1}, dequantize: true}", "dequantize applies to `source.variant` only"),
+])
+def test_bad_variant_sources_are_refused_and_nothing_is_registered(chained, tmp_path, name, source, words):
+    work = private_copy(chained, tmp_path)
+    before = engine("ls", "--json", cwd=work).stdout
+    proc = engine("apply", str(write_child(work, name, source)), cwd=work, check=None)
+    assert proc.returncode != 0 and words in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr and engine("ls", "--json", cwd=work).stdout == before
