@@ -104,10 +104,25 @@ def make_modifier(algorithm: str, scheme: Any, ignore: list[str]) -> Any:
     if algorithm == "awq":
         from llmcompressor.modifiers.awq import AWQModifier
 
+        _cpu_only_cache()
+
         return AWQModifier(**groups)
     from llmcompressor.modifiers.quantization import QuantizationModifier
 
     return QuantizationModifier(**groups)
+
+
+def _cpu_only_cache() -> None:
+    """llm-compressor 0.14's AWQ pins its cached activations for faster GPU copies, which raises
+    "Cannot access accelerator device" on a machine without one: pinning is only a speed-up, so on
+    CPU it is skipped (the values are the same)."""
+    import torch
+
+    if torch.accelerator.is_available():
+        return
+    from llmcompressor.pipelines.cache import IntermediatesCache
+
+    IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None
 
 
 if __name__ == "__main__":
