@@ -55,9 +55,11 @@ RTN = """quantization:
 def built(tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("transformers")
     (work / "calib.txt").write_text("\n".join(CALIBRATION.read_text().splitlines()[:8]) + "\n")
-    recipes = [write_recipe(work, "tiny-gptq", GPTQ), write_recipe(work, "tiny-rtn8", RTN)]
+    recipes = [write_recipe(work, "tiny-gptq", GPTQ), write_recipe(work, "tiny-rtn8", RTN),
+               write_recipe(work, "tiny-awq", GPTQ.replace("gptq", "awq").replace("asym", "sym"))]
     proc = engine("apply", *map(str, recipes), cwd=work)
-    assert "tiny-gptq@1: built" in proc.stdout and "tiny-rtn8@1: built" in proc.stdout, proc.stdout
+    for name in ("tiny-gptq", "tiny-rtn8", "tiny-awq"):
+        assert f"{name}@1: built" in proc.stdout, proc.stdout
     return work
 
 
@@ -114,6 +116,8 @@ def test_show_and_ls_tell_what_was_built(built):
     rtn = engine("show", "tiny-rtn8", "--json", cwd=built).stdout
     meta = json.loads(rtn)
     assert "QuantizationModifier" in rtn and '"strategy": "channel"' in rtn, meta.keys()
+    awq = engine("show", "tiny-awq", cwd=built).stdout  # llm-compressor's AWQ runs on a CPU-only machine
+    assert "AWQ" in awq and "int4 g32" in awq
 
 
 def test_a_second_apply_rebuilds_nothing(built):

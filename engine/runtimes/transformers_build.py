@@ -74,7 +74,8 @@ def run(job: dict) -> dict:
                   "num_calibration_samples": len(encoded), "max_seq_length": job["seq_len"]}
         say(f"{job['algorithm']}: calibrating on {len(encoded)} samples of at most {job['seq_len']} tokens")
     t0 = time.perf_counter()
-    oneshot(model=model, recipe=[modifier], **kwargs)
+    modifiers = modifier if isinstance(modifier, list) else [modifier]  # AWQ: a smoothing step + quantization
+    oneshot(model=model, recipe=modifiers, **kwargs)
     seconds = time.perf_counter() - t0
     model.config.dtype = torch.float32  # the weights that stay float are saved as fp32: load them so
     out.mkdir(parents=True, exist_ok=True)
@@ -88,7 +89,7 @@ def run(job: dict) -> dict:
     say(f"saved {qconfig.get('format')} ({qconfig.get('quant_method')} {qconfig.get('version')}) in {out}")
     from importlib import metadata
 
-    return {"modifier": type(modifier).__name__, "scheme": scheme_args(job), "ignore": ignore,
+    return {"modifier": " + ".join(type(m).__name__ for m in modifiers), "scheme": scheme_args(job), "ignore": ignore,
             "quantization_config": qconfig, "calibration_samples": kwargs.get("num_calibration_samples", 0),
             "quantize_seconds": round(seconds, 3), "build_seconds": round(time.perf_counter() - started, 3),
             "build_versions": {d: metadata.version(d) for d in ("llmcompressor", "compressed-tensors",
