@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .discovery import get_runtime
-from .errors import RecipeInvalid
+from .errors import EngineError, RecipeInvalid
 from .evaluation import eval_key, eval_spec, method, reference_key
 from .hashing import content_key
 from .preflight import check_eval_fits, path_too_long
@@ -64,6 +64,8 @@ def make_plan(recipe: Recipe, store: Store, *, versions: VersionLookup = install
     try:
         identity = source.identity(stat_cache, versions)
     except OSError as error:
+        if source.kind == "variant" and isinstance(error, EngineError):  # an unknown name: located in the file
+            raise RecipeInvalid([recipe.issue(("source", "variant"), error.message, error.hint)]) from None
         raise (path_too_long(recipe, error) or error) from error
     src_key = source.store_key(identity) or source_key(identity)
     described = source.describe()

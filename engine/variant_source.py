@@ -63,14 +63,14 @@ class VariantSource(Source):
 
             path = _locations().registry
             if not path.exists():
-                raise SourceUnavailable(f"source.variant: no registry at {path} to find '{self.ref}' in",
+                raise SourceUnavailable(f"no registry at {path} to find '{self.ref}' in",
                                         hint="apply the parent's recipe first (same --registry)")
             registry = Registry(path, readonly=True)
             try:
                 self.parent = registry.get(self.ref)
                 self.lineage = lineage(registry, self.parent)
             except VariantNotFound as error:
-                raise SourceUnavailable(f"source.variant: {error.message}", hint=error.hint) from None
+                raise SourceUnavailable(error.message, hint=error.hint) from None
             finally:
                 registry.close()
         return self.parent
