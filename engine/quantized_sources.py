@@ -79,7 +79,8 @@ def source_issues(recipe: Any, runtime: Any, source: Any) -> list:
         return issues
     where = ("source", "variant") if source.kind == "variant" else ("source",)
     hint = ("write `dequantize: true` under source to expand the weights to float exactly and quantize them again "
-            "on purpose, or build from the unquantized checkpoint" if q["quant_method"] == "compressed-tensors"
+            "on purpose, or build from the unquantized checkpoint"
+            if q["quant_method"] == "compressed-tensors" and source.kind == "variant"
             else "build from the unquantized checkpoint: no runtime here reads this format as it is on CPU "
                  "(onnxruntime-genai's builder reads gptq/awq, but through the engine only float sources are wired)")
     issues.append(recipe.issue(where, f"the source is already quantized: {describe(q)}; runtime {runtime.name} "

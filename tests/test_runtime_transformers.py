@@ -258,3 +258,15 @@ def test_bad_variant_sources_are_refused_and_nothing_is_registered(chained, tmp_
     proc = engine("apply", str(write_child(work, name, source)), cwd=work, check=None)
     assert proc.returncode != 0 and words in proc.stdout + proc.stderr, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr and engine("ls", "--json", cwd=work).stdout == before
+
+
+def test_a_quantized_checkpoint_folder_as_source_is_refused_naming_its_format(built, tmp_path):
+    from engine.registry import Registry
+
+    key = Registry(built / "registry.db", readonly=True).get("tiny-gptq").artifact_key
+    folder = built / ".engine" / "artifacts" / key / "files"
+    proc = engine("apply", str(write_child(tmp_path, "from-folder", f"{{path: {folder}}}", runtime="openvino")),
+                  cwd=tmp_path, check=3)
+    assert "source: the source is already quantized: compressed-tensors (llm-compressor, format pack-quantized), " \
+           "int4 g32; runtime openvino would quantize its weights again" in proc.stderr, proc.stderr
+    assert not (tmp_path / "registry.db").exists() or "from-folder" not in engine("ls", cwd=tmp_path).stdout
