@@ -81,6 +81,10 @@ def show(ref: str, locations: Locations | None = None) -> dict[str, Any]:
         doc = show_doc(variant, reg.files(variant.artifact_key), reg.steps(variant.id), reg.scores(variant),
                        meta, sections, hidden)
         doc["defaults"] = defaulted_fields(variant.recipe, variant.recipe_text)
+        if variant.source_kind == "variant":  # built from another variant: the chain back to a checkpoint
+            from .variant_source import lineage
+
+            doc["lineage"] = lineage(reg, variant)
         return doc
 
     return with_registry(locations, collect)

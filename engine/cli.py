@@ -403,12 +403,13 @@ def verify(loc: Locations, ref: str | None) -> None:
 
 @cli.command()
 @click.argument("ref")
+@click.option("--force", is_flag=True, help="remove it even when other variants were built from it")
 @click.pass_obj
-def rm(loc: Locations, ref: str) -> None:
+def rm(loc: Locations, ref: str, force: bool) -> None:
     """Remove NAME (every version) or NAME@VERSION from the registry; `engine gc` frees the files."""
     from .catalog import with_registry
 
-    for variant in with_registry(loc, lambda reg: reg.remove(ref), readonly=False):
+    for variant in with_registry(loc, lambda reg: reg.remove(ref, force=force), readonly=False):
         click.echo(f"removed {variant.ref}")
     click.echo("run `engine gc` to delete store entries no variant uses any more", err=True)
 

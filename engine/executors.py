@@ -25,6 +25,7 @@ from .recipe.matrix import Skipped
 from .records import StepRecord
 from .steps import Progress, quiet
 from .store import Store
+from .variant_source import using_locations
 
 __all__ = ["Done", "Executor", "KeyMismatch", "Task", "WorkerLost", "make_executor", "portable", "work"]
 
@@ -66,7 +67,8 @@ def work(recipe: Recipe, locations: Locations, force: bool) -> Done:
     """A worker's whole job for one variant: plan it here, run its missing steps into the store."""
     started = time.perf_counter()
     store = Store(locations.store)
-    plan = make_plan(recipe, store)
+    with using_locations(locations):  # a `source: {variant: ...}` resolves in the driver's registry
+        plan = make_plan(recipe, store)
     if force or store.get(plan.build.key) is None:
         plan.runtime.check_available(recipe.data)
     ran: list[StepRecord] = []
@@ -117,7 +119,8 @@ class Executor:
         plans: dict[int, Plan] = {}
         for index, recipe in enumerate(recipes):
             try:
-                plan = make_plan(recipe, store)
+                with using_locations(locations):
+                    plan = make_plan(recipe, store)
                 if not force and all(step.hit for step in plan.steps):  # cached: registered here, at once
                     finish(index, Outcome(recipe.name, apply_recipe(recipe, locations, progress=progress(recipe.name))))
                     continue

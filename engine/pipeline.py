@@ -27,6 +27,7 @@ from .sources import Materialize, Source
 from .steps import Progress, quiet, run_step
 from .store import Entry, Store
 from .tasks import task_of
+from .variant_source import using_locations
 
 __all__ = ["ApplyResult", "Outcome", "SweepResult", "apply", "apply_recipe", "apply_recipes"]
 
@@ -111,7 +112,8 @@ def apply_recipe(recipe: Recipe, locations: Locations, *, force: bool = False, d
     """Plan one variant, run what is missing, register it."""
     started = time.perf_counter()
     store = Store(locations.store)
-    plan = make_plan(recipe, store)
+    with using_locations(locations):  # a `source: {variant: ...}` is looked up in this registry and store
+        plan = make_plan(recipe, store)
     if dry_run:
         if force:
             plan.build.status = "missing"
@@ -174,8 +176,14 @@ def _build(plan: Plan, store: Store, ran: list[StepRecord], progress: Progress, 
         source_dir = _materialize(plan, store, ran, progress)
         if len(ran) == before:  # nothing was made: a local folder, a hub snapshot or a cached source
             ran.append(plan.steps[0].record(plan.steps[0].hit, time.perf_counter() - t0))
+        inputs = step.inputs
+        if plan.runtime.build_env is not None:  # made once under the store, then reused (engine.buildenv)
+            from .buildenv import envs_dir
+
+            python = plan.runtime.build_env.ensure(envs_dir(store.root), progress)
+            inputs = {**inputs, "_build_python": str(python)}
         progress(f"building {step.detail}", False)
-        meta = plan.runtime.build(source_dir, stage.files_dir, step.inputs, stage.logs_dir,
+        meta = plan.runtime.build(source_dir, stage.files_dir, inputs, stage.logs_dir,
                                   lambda line: progress(line, True))
         _check_unchanged(plan.source_type, plan.steps[0].key, store)
         progress(f"checking the {plan.runtime.name} artifact runs (one forward pass, one token)", False)

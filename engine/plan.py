@@ -10,10 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .discovery import get_runtime
-from .errors import RecipeInvalid
+from .errors import EngineError, RecipeInvalid
 from .evaluation import eval_key, eval_spec, method, reference_key
 from .hashing import content_key
 from .preflight import check_eval_fits, path_too_long
+from .quantized_sources import source_issues
 from .recipe import Recipe
 from .runtime import Runtime
 from .sources import Source, source_from_recipe
@@ -64,10 +65,15 @@ def make_plan(recipe: Recipe, store: Store, *, versions: VersionLookup = install
     try:
         identity = source.identity(stat_cache, versions)
     except OSError as error:
+        if source.kind == "variant" and isinstance(error, EngineError):  # an unknown name: located in the file
+            raise RecipeInvalid([recipe.issue(("source", "variant"), error.message, error.hint)]) from None
         raise (path_too_long(recipe, error) or error) from error
-    src_key = source_key(identity)
+    src_key = source.store_key(identity) or source_key(identity)
     described = source.describe()
     record = {"kind": source.kind, "key": src_key, "identity": identity, "description": described}
+    prequantized = source_issues(recipe, runtime, source)  # a cycle, a quantized source, re-quantizing
+    if prequantized:
+        raise RecipeInvalid(prequantized)
     if source.format not in runtime.source_formats:
         raise RecipeInvalid([recipe.issue(("source",), f"runtime '{runtime.name}' cannot build from a {source.format} "
                                           "file", "a ready-made .gguf registers with `target.runtime: llama.cpp`; "
@@ -81,10 +87,13 @@ def make_plan(recipe: Recipe, store: Store, *, versions: VersionLookup = install
     # params named "_..." are build inputs whose content the key already holds (e.g. a file path
     # next to its content hash): they reach the runtime but not the key
     key_params = {k: v for k, v in params.items() if not k.startswith("_")}
-    build_key = content_key({
+    build_doc = {
         "step": "build", "runtime": runtime.name, "v": runtime.step_version,
         "params": key_params, "input": src_key, "versions": library, **key_part(data),
-    })
+    }
+    if runtime.build_env is not None:  # the pins of its own environment (engine.buildenv)
+        build_doc["build_env"] = runtime.build_env.lock()
+    build_key = content_key(build_doc)
     steps = [
         StepPlan("source", src_key, described, identity.get("versions", {}),
                  source.status(store.get(src_key) is not None), source.detail(identity)),

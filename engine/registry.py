@@ -329,14 +329,24 @@ class Registry:
             for f in files
         )
 
-    def remove(self, ref: str) -> list[VariantRecord]:
-        """Delete NAME (every version) or NAME@V; returns the removed rows."""
+    def remove(self, ref: str, force: bool = False) -> list[VariantRecord]:
+        """Delete NAME (every version) or NAME@V; returns the removed rows. A variant other variants
+        were built from (`source: {variant: ...}`) is removed only with force."""
         name, version = parse_ref(ref)
         rows = self.variants(name, all_versions=True)
         if version is not None:
             rows = [r for r in rows if r.version == version]
         if not rows:
             self.get(ref)  # raises VariantNotFound with a suggestion
+        if not force:
+            from .variant_source import children
+
+            ids = {r.id for r in rows}
+            kids = [c for c in children(self, {r.artifact_key for r in rows}) if c.id not in ids]
+            if kids:
+                raise EngineError(f"{ref} is the source of {', '.join(c.ref for c in kids)}",
+                                  hint=f"`engine rm --force {ref}` removes it anyway (those variants stay, and "
+                                       "`engine show` marks their source removed)")
         with self.errors(), _exclusive(self.conn):
             for row in rows:
                 self.conn.execute("delete from steps where variant_id = ?", [row.id])

@@ -187,6 +187,7 @@ def show_text(doc: dict) -> list:
                                if k != "target.options") + "  (not written in the recipe: the runtime's or schema's)"
          if doc.get("defaults") else "-"),
         ("source", f"{source['kind']}: " + json.dumps(source["identity"], sort_keys=True)),
+        *([("lineage", " <- ".join(doc["lineage"]))] if doc.get("lineage") else []),
         ("recipe", f"{doc['recipe_path'] or '-'} (sha256 {doc['recipe_sha256'][:16]}…)"),
         ("artifact", f"{doc['artifact_key']}  {human_size(doc['size_bytes'])} in {len(doc['files'])} files"),
         ("engine", doc["engine_version"]),

@@ -19,11 +19,14 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import EngineError
 from .records import VariantRecord
 from .textgen import GeneratedText, cut_at_stop, find_chat_template, render_chat, stream_text
+
+if TYPE_CHECKING:
+    from .buildenv import BuildEnv
 
 Progress = Callable[[str], None]
 
@@ -214,6 +217,12 @@ class Runtime(ABC):
     hidden_meta: tuple[str, ...] = ()
     #: source formats it builds from (engine.sources.Source.format): "hf" folders; "gguf" files
     source_formats: tuple[str, ...] = ("hf",)
+    #: a virtualenv of its own for build() (engine.buildenv): its pins enter the build key, and the
+    #: pipeline hands build() its interpreter as params["_build_python"]; None: builds run in ours
+    build_env: BuildEnv | None = None
+    #: what its artifact folder is to other runtimes: "hf" (a Hugging Face checkpoint that can be the
+    #: source of another recipe, `source: {variant: ...}`); None: an artifact only this runtime reads
+    artifact_format: str | None = None
 
     # -- what a recipe gets where it leaves a field out ------------------------------------------------
     def defaults(self, recipe: dict) -> dict[str, Any]:

@@ -94,6 +94,11 @@ class Source(ABC):
         """For a single-file source (a .gguf): the file, when it is already on this machine."""
         return None
 
+    def store_key(self, identity: dict) -> str | None:
+        """The store key of this source's step when it is an existing entry (a registered variant's
+        artifact); None: the key is made from the identity (engine.plan.source_key)."""
+        return None
+
 
 # -- helpers ---------------------------------------------------------------------------------
 def hub_offline() -> bool:
@@ -488,3 +493,6 @@ def _materialize_hub(repo: str, revision: str, dest_parent: Path, allow_patterns
                 link.symlink_to(os.path.realpath(snapshot / rel))
     _require_config(folder, f"hub snapshot {repo}@{commit}")
     return folder
+
+
+from engine import variant_source  # noqa: E402,F401 - registers `source: {variant: ...}` in SOURCE_TYPES

@@ -127,8 +127,11 @@ class JobError(Exception):
 
 
 def run_job(module: str, job: dict, logs_dir: Path, *, what: str,
-            on_line: Callable[[str], None] | None = None, env: dict[str, str] | None = None) -> dict[str, Any]:
+            on_line: Callable[[str], None] | None = None, env: dict[str, str] | None = None,
+            python: str | Path | None = None) -> dict[str, Any]:
     """Run `python -m <module> logs_dir/job.json` and return the dict it wrote to logs_dir/result.json.
+
+    `python` is the interpreter (a runtime's build environment, engine.buildenv); ours by default.
 
     The files stay beside build.log, so a failed build keeps what it was asked and what it said.
     BuildFailed on a user's mistake (the child's message, its hint in the message: the pipeline's
@@ -137,7 +140,7 @@ def run_job(module: str, job: dict, logs_dir: Path, *, what: str,
     job_path, result_path = logs_dir / JOB_FILE, logs_dir / RESULT_FILE
     job_path.write_text(json.dumps(job, indent=1), encoding="utf-8")
     result_path.unlink(missing_ok=True)  # never read a result an earlier run left behind
-    cmd = [sys.executable, "-m", module, str(job_path)]
+    cmd = [str(python or sys.executable), "-m", module, str(job_path)]
     try:
         run_logged(cmd, logs_dir / "build.log", env=env, on_line=on_line, what=what)
     except BuildFailed:
