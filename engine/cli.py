@@ -87,11 +87,21 @@ def schema(runtime: str | None) -> None:
 @click.argument("recipes", nargs=-1, required=True, type=click.Path())
 @click.option("--dry-run", is_flag=True, help="Print the plan (cached or to build, per step) and stop.")
 @click.option("--force", is_flag=True, help="Rebuild even when the store has the artifact.")
+@click.option("--max-memory", metavar="SIZE", help="Refuse a step whose estimated peak memory is above SIZE "
+              "(12G, 11.5GiB, 800M). Default: the memory available now (MemAvailable).")
+@click.option("--force-memory", is_flag=True, help="Run steps even when their memory estimate does not fit.")
 @click.pass_obj
-def apply(loc: Locations, recipes: tuple[str, ...], dry_run: bool, force: bool) -> None:
+def apply(loc: Locations, recipes: tuple[str, ...], dry_run: bool, force: bool, max_memory: str | None,
+          force_memory: bool) -> None:
     """Validate, plan, run the missing steps and register each recipe's variant."""
+    from .memory import parse_size
     from .pipeline import apply_recipes
     from .recipe import load_recipes
+
+    try:
+        limit = parse_size(max_memory) if max_memory is not None else None
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="--max-memory") from None
 
     loaded, skipped = [], []
     for path in recipes:  # every recipe valid before any work
@@ -113,7 +123,8 @@ def apply(loc: Locations, recipes: tuple[str, ...], dry_run: bool, force: bool) 
         else:
             _print_applied(outcome.result)
 
-    result = apply_recipes(loaded, loc, force=force, dry_run=dry_run, progress=_progress, on_outcome=show)
+    result = apply_recipes(loaded, loc, force=force, dry_run=dry_run, progress=_progress, on_outcome=show,
+                           max_memory=limit, force_memory=force_memory)
     failed = result.failed
     if len(loaded) == 1 and failed:
         raise failed[0].error
@@ -126,7 +137,16 @@ def _print_plan(result) -> None:
     click.echo(f"plan for {result.plan.recipe.name}:")
     for step in result.plan.steps:
         status = {"cached": "cached", "missing": "to build", "local": "local folder", "hub": "hub"}[step.status]
-        click.echo(f"  {step.kind:<7} {status:<12} {step.key[:16]}…  {step.detail}")
+        click.echo(f"  {step.kind:<7} {status:<12} {step.key[:16]}…  {step.detail}{_memory(step)}")
+
+
+def _memory(step) -> str:
+    """The step's memory estimate for the plan (engine.memory)."""
+    from .memory import gb
+
+    if step.memory_estimate is None:
+        return "  [memory: unknown until the model is on this machine]" if step.kind != "source" else ""
+    return f"  [memory ~{gb(step.memory_estimate)}: {step.memory_note}]"
 
 
 def _print_applied(result) -> None:

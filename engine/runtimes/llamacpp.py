@@ -164,6 +164,17 @@ class LlamaCppRuntime(Runtime):
         if not GgufSource.accepts(recipe.get("source", {})):
             find()
 
+    def build_memory(self, facts: Any, params: dict) -> Any:
+        """convert_hf_to_gguf.py is lazy (one tensor at a time from the mapped checkpoint) and
+        llama-quantize maps the 16-bit GGUF: the largest tensor in fp32 plus the mapped files."""
+        from ..memory import TORCH_BASE, Estimate
+
+        if facts is None:  # a ready-made .gguf is registered as it is
+            return None
+        largest = max(facts.outer_params // 2, facts.layer_params // 3)
+        return Estimate(TORCH_BASE + 2 * 4 * largest, facts.stored_bytes + 2 * facts.params,
+                        "lazy converter, one tensor at a time (not measured at scale)")
+
     def build(self, source_dir: Path, out_dir: Path, params: dict, logs_dir: Path, progress: Progress) -> dict:
         from .llamacpp_tools import find
 
