@@ -120,7 +120,10 @@ def source_facts(source: Any) -> ModelFacts | None:
     folder = source.local_folder()
     config = source.config()
     if folder is not None and folder.is_dir():
-        found = facts_from_folder(folder, config)
+        try:
+            found = facts_from_folder(folder, config)
+        except (OSError, ValueError, KeyError, TypeError, struct.error):  # not a checkpoint we can read:
+            found = None  # the build will say so; the estimate falls back to config.json, or unknown
         if found is not None:
             return found
     return facts_from_config(config) if config else None
