@@ -111,8 +111,7 @@ def apply(loc: Locations, recipes: tuple[str, ...], dry_run: bool, force: bool, 
     _print_skipped(skipped)
 
     def show(outcome) -> None:
-        if sys.stderr.isatty():  # clear the live progress line
-            click.echo("\r\033[K", nl=False, err=True)
+        _terminal().clear()  # the live progress line, on a terminal
         if outcome.error is not None:
             if len(loaded) > 1:
                 error = outcome.error
@@ -123,8 +122,11 @@ def apply(loc: Locations, recipes: tuple[str, ...], dry_run: bool, force: bool, 
         else:
             _print_applied(outcome.result)
 
-    result = apply_recipes(loaded, loc, force=force, dry_run=dry_run, progress=_progress, on_outcome=show,
-                           max_memory=limit, force_memory=force_memory)
+    from .progress import reporting
+
+    with reporting(_terminal()):  # digest, download, build and scoring tasks: live on a terminal
+        result = apply_recipes(loaded, loc, force=force, dry_run=dry_run, progress=_progress, on_outcome=show,
+                               max_memory=limit, force_memory=force_memory)
     failed = result.failed
     if len(loaded) == 1 and failed:
         raise failed[0].error
@@ -160,22 +162,25 @@ def _print_applied(result) -> None:
     click.echo(f"{ref}: built ({built}) and registered, {v.size_bytes:,} bytes")
 
 
+_TERMINAL = None
+
+
+def _terminal():
+    """The engine's progress on the real stderr (engine.quiet.terminal: a step sends fds 1 and 2 to
+    its log): one live line on a terminal, a few short lines otherwise (engine.progress)."""
+    global _TERMINAL
+    if _TERMINAL is None:
+        from .progress import Terminal
+        from .quiet import terminal
+
+        _TERMINAL = Terminal(terminal(2))
+    return _TERMINAL
+
+
 def _progress(name: str):
-    """Step lines on stderr (the tools' own output only on a terminal, where it replaces itself).
-
-    Written to the real stderr (engine.quiet.terminal): a step sends fds 1 and 2 to its log."""
-    from .quiet import terminal
-
-    err = terminal(2)
-    live = err.isatty()
-
-    def update(message: str, detail: bool = False) -> None:
-        if live:
-            click.echo(f"\r\033[K{name}: {message}"[:160], nl=False, file=err)
-        elif not detail:
-            click.echo(f"{name}: {message}", file=err)
-
-    return update
+    """Step lines for one variant (the tools' own output only on a terminal, where it replaces itself)."""
+    term = _terminal()
+    return lambda message, detail=False: term.message(name, message, detail)
 
 
 def _generation_options(fn):

@@ -17,6 +17,7 @@ from typing import Any
 
 from .errors import EngineError, SourceUnavailable
 from .hashing import content_key
+from .progress import task
 
 REFERENCE_STEP_VERSION = 2  # 2: reference log-probs stored as float32
 EVAL_STEP_VERSION = 1
@@ -129,14 +130,15 @@ def compute_reference(source_dir: Path, spec: dict, out_dir: Path, progress: Pro
     model = AutoModelForCausalLM.from_pretrained(source_dir, dtype=torch.float32)
     model.eval()
     total, count = 0.0, 0
-    for i, window in enumerate(windows):
-        progress(f"reference: window {i + 1}/{len(windows)}")
-        with torch.no_grad():
-            logits = model(torch.tensor([window.input_ids])).logits[0].float().numpy()
-        logprobs = scored_logprobs(logits, window)
-        total += nll(logprobs, window.targets)
-        count += len(window.targets)
-        np.save(out_dir / f"ref-{i:04d}.npy", logprobs.astype(np.float32))  # fp16 is too coarse for small KLs
+    with task("reference: scoring the source", len(windows), "windows") as scored:
+        for i, window in enumerate(windows):
+            with torch.no_grad():
+                logits = model(torch.tensor([window.input_ids])).logits[0].float().numpy()
+            logprobs = scored_logprobs(logits, window)
+            total += nll(logprobs, window.targets)
+            count += len(window.targets)
+            np.save(out_dir / f"ref-{i:04d}.npy", logprobs.astype(np.float32))  # fp16 is too coarse for small KLs
+            scored.advance()
     meta = {
         "windows": [{"input_ids": w.input_ids, "first_scored": w.first_scored} for w in windows],
         "source_perplexity": perplexity(total, count), "scored_tokens": count,
@@ -178,23 +180,24 @@ def _quality(model: Any, ppl: dict, ref: dict, reference_dir: Path, progress: Pr
     total = kl_sum = 0.0
     count = agree = 0
     windows = ref["windows"]
-    for i, w in enumerate(windows):
-        progress(f"evaluating: window {i + 1}/{len(windows)}")
-        window = Window(w["input_ids"], w["first_scored"])
-        logits = model.logits(window.input_ids)
-        if i == 0 and ppl.get("fidelity", True):
-            vocab = np.load(reference_dir / "ref-0000.npy", mmap_mode="r").shape[-1]
-            if logits.shape[-1] != vocab:
-                raise EngineError(f"the variant's vocabulary ({logits.shape[-1]} tokens) is not the reference's "
-                                  f"({vocab}): KL and top-1 cannot compare them",
-                                  hint="eval.reference must be the unquantized model the variant was made from")
-        logprobs = scored_logprobs(logits, window)
-        total += nll(logprobs, window.targets)
-        count += len(window.targets)
-        if ppl.get("fidelity", True):
-            kl, same = kl_and_top1(np.load(reference_dir / f"ref-{i:04d}.npy"), logprobs)
-            kl_sum += kl
-            agree += same
+    with task("evaluating: scoring the variant", len(windows), "windows") as scored:
+        for i, w in enumerate(windows):
+            window = Window(w["input_ids"], w["first_scored"])
+            logits = model.logits(window.input_ids)
+            if i == 0 and ppl.get("fidelity", True):
+                vocab = np.load(reference_dir / "ref-0000.npy", mmap_mode="r").shape[-1]
+                if logits.shape[-1] != vocab:
+                    raise EngineError(f"the variant's vocabulary ({logits.shape[-1]} tokens) is not the reference's "
+                                      f"({vocab}): KL and top-1 cannot compare them",
+                                      hint="eval.reference must be the unquantized model the variant was made from")
+            logprobs = scored_logprobs(logits, window)
+            total += nll(logprobs, window.targets)
+            count += len(window.targets)
+            if ppl.get("fidelity", True):
+                kl, same = kl_and_top1(np.load(reference_dir / f"ref-{i:04d}.npy"), logprobs)
+                kl_sum += kl
+                agree += same
+            scored.advance()
     how = method(ppl)
     scores = [_score("perplexity", perplexity(total, count), "ppl", how),
               _score("source_perplexity", ref["source_perplexity"], "ppl", how)]
@@ -217,11 +220,12 @@ def _own_perplexity(model: Any, ppl: dict, progress: Progress) -> list[dict]:
         raise EngineError("the evaluation dataset is too short for one window",
                           hint="use a longer text or a smaller eval.perplexity.window")
     total, count = 0.0, 0
-    for i, window in enumerate(windows):
-        progress(f"evaluating: window {i + 1}/{len(windows)}")
-        logprobs = scored_logprobs(model.logits(window.input_ids), window)
-        total += nll(logprobs, window.targets)
-        count += len(window.targets)
+    with task("evaluating: scoring the variant", len(windows), "windows") as scored:
+        for window in windows:
+            logprobs = scored_logprobs(model.logits(window.input_ids), window)
+            total += nll(logprobs, window.targets)
+            count += len(window.targets)
+            scored.advance()
     return [_score("perplexity", perplexity(total, count), "ppl", method(ppl))]
 
 
