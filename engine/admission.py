@@ -24,10 +24,44 @@ def estimate_plan(plan: Any) -> None:
     ppl = (plan.spec or {}).get("perplexity") or {}
     window = int(ppl.get("window") or 0)
     for step in plan.steps:
-        estimate = _step_estimate(plan, step, facts, window, ppl)
-        if estimate is not None:
-            step.memory_estimate = estimate.anonymous
-            step.memory_note = f"{estimate.note}; peak RSS ~{gb(estimate.peak_rss)}".lstrip("; ")
+        _set(step, _step_estimate(plan, step, facts, window, ppl))
+    choose_reference_pass(plan, memory.available_memory())
+
+
+def _set(step: Any, estimate: Estimate | None) -> None:
+    if estimate is not None:
+        step.memory_estimate = estimate.anonymous
+        step.memory_note = f"{estimate.note}; peak RSS ~{gb(estimate.peak_rss)}".lstrip("; ")
+
+
+def choose_reference_pass(plan: Any, bound: int | None) -> None:
+    """The reference pass holds the model whole in fp32 unless that would not fit under `bound` and
+    the layer-by-layer pass (engine.streamed, same scores, same key) does; ENGINE_REFERENCE_PASS=
+    streamed|whole decides instead. Sets step.inputs["streamed"] and the step's estimate."""
+    import os
+
+    from .streamed import supports
+
+    step = plan.step("reference")
+    source = plan.reference_source
+    if step is None or source is None:
+        return
+    config = source.config()
+    facts = memory.source_facts(source)
+    wanted = os.environ.get("ENGINE_REFERENCE_PASS", "auto")
+    if not facts or not supports(config) or wanted == "whole":
+        return
+    ppl = plan.spec["perplexity"]
+    streamed = memory.reference_streamed(facts, int(ppl["window"]), int(ppl["max_windows"]))
+    whole = memory.reference_whole(facts, int(ppl["window"]))
+    if wanted == "streamed" or (bound is not None and whole.anonymous > bound):
+        step.inputs["streamed"] = True
+        step.detail = "source model scores (PyTorch fp32, layer by layer)"
+        _set(step, streamed)
+    else:
+        step.inputs.pop("streamed", None)
+        step.detail = "source model scores (PyTorch fp32)"
+        _set(step, whole)
 
 
 def _step_estimate(plan: Any, step: Any, facts: ModelFacts | None, window: int, ppl: dict) -> Estimate | None:
@@ -58,6 +92,7 @@ def check_fits(plan: Any, limit: int | None = None, *, force: bool = False) -> N
     bound = min(x for x in (limit, available) if x is not None) if (limit or available) else None
     if bound is None:
         return
+    choose_reference_pass(plan, bound)
     over = [s for s in plan.steps if not s.hit and s.memory_estimate and s.memory_estimate > bound]
     if not over:
         return

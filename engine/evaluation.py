@@ -107,8 +107,13 @@ def eval_key(build_key: str, reference: str | None, spec: dict, versions: dict) 
 
 
 # -- the reference pass -----------------------------------------------------------------------------
-def compute_reference(source_dir: Path, spec: dict, out_dir: Path, progress: Progress) -> dict:
-    """Tokenize the dataset with the source tokenizer and score the source model (fp32, PyTorch)."""
+def compute_reference(source_dir: Path, spec: dict, out_dir: Path, progress: Progress, *,
+                      streamed: bool = False) -> dict:
+    """Tokenize the dataset with the source tokenizer and score the source model (fp32, PyTorch).
+
+    `streamed`: the same fp32 forward pass one decoder layer at a time (engine.streamed), for a model
+    that does not fit in memory whole; its scores agree with the whole-model pass (tests/test_streamed.py),
+    so both share the reference's key."""
     from .quiet import quiet_transformers
 
     quiet_transformers()
@@ -127,13 +132,17 @@ def compute_reference(source_dir: Path, spec: dict, out_dir: Path, progress: Pro
     if not windows:
         raise EngineError("the evaluation dataset is too short for one window",
                           hint="use a longer text or a smaller eval.perplexity.window")
-    model = AutoModelForCausalLM.from_pretrained(source_dir, dtype=torch.float32)
-    model.eval()
+    if streamed:
+        from .streamed import windows_logits
+
+        all_logits = windows_logits(source_dir, [w.input_ids for w in windows], progress)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(source_dir, dtype=torch.float32)
+        model.eval()
+        all_logits = _whole_model_logits(model, windows)
     total, count = 0.0, 0
     with task("reference: scoring the source", len(windows), "windows") as scored:
-        for i, window in enumerate(windows):
-            with torch.no_grad():
-                logits = model(torch.tensor([window.input_ids])).logits[0].float().numpy()
+        for i, (window, logits) in enumerate(zip(windows, all_logits)):
             logprobs = scored_logprobs(logits, window)
             total += nll(logprobs, window.targets)
             count += len(window.targets)
@@ -145,9 +154,19 @@ def compute_reference(source_dir: Path, spec: dict, out_dir: Path, progress: Pro
         "dataset_tokens": len(ids), "bos_id": bos_id,
         "source_weight_bytes": sum(p.stat().st_size for p in Path(source_dir).iterdir()
                                    if p.suffix in WEIGHT_SUFFIXES),
+        "pass": "streamed" if streamed else "whole",
     }
     (out_dir / "reference.json").write_text(json.dumps(meta))
     return {k: v for k, v in meta.items() if k != "windows"}
+
+
+def _whole_model_logits(model: Any, windows: list) -> Any:
+    """fp32 logits of each window from the model held whole in memory."""
+    import torch
+
+    for window in windows:
+        with torch.no_grad():
+            yield model(torch.tensor([window.input_ids])).logits[0].float().numpy()
 
 
 # -- scoring a variant ------------------------------------------------------------------------------

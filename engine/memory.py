@@ -155,12 +155,13 @@ def reference_whole(facts: ModelFacts, window: int) -> Estimate:
 
 
 def reference_streamed(facts: ModelFacts, window: int, windows: int) -> Estimate:
-    """Layer by layer (engine.streamed): one decoder layer and the embeddings/lm_head in fp32, the
-    hidden states of every window (and the next layer's output), one window's logits."""
+    """Layer by layer (engine.streamed): one decoder layer (or the embeddings, or the lm_head) in
+    fp32 beside its stored-dtype copy as it is read, the hidden states of every window (and the next
+    layer's output), one window's logits. Each tensor's file mapping is closed once it is copied."""
     hidden = 2 * windows * window * max(facts.hidden_size, 1) * 4
-    resident = 4 * (facts.layer_params + facts.outer_params)
-    return Estimate(TORCH_BASE + resident + hidden + logits_bytes(facts, window),
-                    2 * facts.layer_params + facts.outer_params * 2, "streamed, one layer resident")
+    per = facts.stored_bytes / max(facts.params, 1)
+    resident = int((4 + per) * max(facts.layer_params, facts.outer_params))
+    return Estimate(TORCH_BASE + resident + hidden + logits_bytes(facts, window), 0, "streamed, one layer resident")
 
 
 def default_build(facts: ModelFacts) -> Estimate:

@@ -220,7 +220,7 @@ def _evaluate(plan: Plan, store: Store, artifact: Entry, ran: list[StepRecord], 
         def reference(stage) -> dict:
             meta = compute_reference(_materialize(plan, store, ran, progress, plan.reference_source,
                                                   plan.reference_step), plan.spec, stage.files_dir,
-                                     lambda m: progress(m, True))
+                                     lambda m: progress(m, True), streamed=ref_step.inputs.get("streamed", False))
             _check_unchanged(plan.reference_source, plan.reference_step.key, store)
             return meta
 
