@@ -39,6 +39,7 @@ class ModelFacts:
     vocab_size: int
     layers: int
     read_from: str  # "safetensors headers" | "config.json"
+    embed_params: int = 0  # the embedding matrix (the lm_head is as large unless tied)
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,7 @@ def facts_from_folder(folder: Path, config: dict | None = None) -> ModelFacts | 
     if not files:
         return None
     config = config if config is not None else _json(folder / "config.json")
-    params = stored = 0
+    params = stored = embed = 0
     per_layer: dict[int, int] = {}
     for file in files:
         for name, tensor in safetensors_header(file).items():
@@ -86,13 +87,15 @@ def facts_from_folder(folder: Path, config: dict | None = None) -> ModelFacts | 
             params += count
             start, end = tensor["data_offsets"]
             stored += end - start
+            if name.endswith("embed_tokens.weight"):
+                embed = count
             found = _LAYER.search("." + name)
             if found:
                 per_layer[int(found.group(1))] = per_layer.get(int(found.group(1)), 0) + count
     layer = max(per_layer.values(), default=0)
     text = _text_config(config or {})
     return ModelFacts(params, stored, layer, params - sum(per_layer.values()), int(text.get("hidden_size") or 0),
-                      int(text.get("vocab_size") or 0), len(per_layer), "safetensors headers")
+                      int(text.get("vocab_size") or 0), len(per_layer), "safetensors headers", embed)
 
 
 def facts_from_config(config: dict) -> ModelFacts | None:
@@ -112,7 +115,7 @@ def facts_from_config(config: dict) -> ModelFacts | None:
     params = layer * n + outer
     dtype = str(text.get("torch_dtype") or text.get("dtype") or "float32")
     per = {"float32": 4, "float16": 2, "bfloat16": 2}.get(dtype, 4)
-    return ModelFacts(params, params * per, layer, outer, h, vocab, n, "config.json")
+    return ModelFacts(params, params * per, layer, outer, h, vocab, n, "config.json", vocab * h)
 
 
 def source_facts(source: Any) -> ModelFacts | None:
@@ -160,7 +163,7 @@ def reference_streamed(facts: ModelFacts, window: int, windows: int) -> Estimate
     layer's output), one window's logits. Each tensor's file mapping is closed once it is copied."""
     hidden = 2 * windows * window * max(facts.hidden_size, 1) * 4
     per = facts.stored_bytes / max(facts.params, 1)
-    resident = int((4 + per) * max(facts.layer_params, facts.outer_params))
+    resident = int((4 + per) * max(facts.layer_params, facts.embed_params or facts.outer_params))
     return Estimate(TORCH_BASE + resident + hidden + logits_bytes(facts, window), 0, "streamed, one layer resident")
 
 
