@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import __version__
-from .admission import check_fits
+from .admission import check_fits, choose_reference_pass
 from .errors import ArtifactVanished, BuildFailed, EngineError, SourceChanged, store_error
 from .evaluation import compute_reference, evaluate_variant
 from .paths import Locations, resolve
@@ -113,6 +113,8 @@ def apply_recipe(recipe: Recipe, locations: Locations, *, force: bool = False, d
     store = Store(locations.store)
     plan = make_plan(recipe, store)
     if dry_run:
+        if max_memory is not None:  # the reference pass the bound would choose (engine.admission)
+            choose_reference_pass(plan, max_memory)
         if force:
             plan.build.status = "missing"
         return ApplyResult(plan, None, seconds=time.perf_counter() - started)
