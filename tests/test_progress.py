@@ -108,3 +108,27 @@ def test_not_a_terminal_prints_only_summaries_of_long_tasks():
     for seconds, end in ((0.5, False), (1.0, True), (5.0, False), (6.7, True)):
         term({"stage": "digesting", "done": 7.6e9, "total": None, "unit": "B", "seconds": seconds, "end": end})
     assert stream.getvalue().splitlines() == ["v: building x", "v: digesting: 7.6 GB, 1.1 GB/s in 6.7 s"]
+
+
+def test_hub_download_bytes_become_a_task():
+    """huggingface_hub's snapshot_download drives its tqdm_class this way (a bytes bar whose total grows
+    as each file's size is known, and a files bar); no network here, so the class is driven directly."""
+    from engine.sources import _download_progress
+
+    heard: list[dict] = []
+    bars = _download_progress()
+    with progress.reporting(heard.append):
+        files = bars(total=2, desc="Fetching 2 files")
+        data = bars(total=0, initial=0, unit="B", unit_scale=True, desc="Downloading", name="huggingface_hub")
+        data.total += 3000
+        data.update(1000)
+        files.update(1)
+        progress.REDRAW, saved = 0.0, progress.REDRAW
+        try:
+            data.update(2000)
+        finally:
+            progress.REDRAW = saved
+        files.close()
+        data.close()
+    assert [e["stage"] for e in heard] == ["downloading"] * len(heard) and len(heard) >= 2
+    assert heard[-1]["end"] and heard[-1]["done"] == 3000 and heard[-1]["total"] == 3000 and heard[-1]["unit"] == "B"

@@ -48,17 +48,29 @@ KNOWN_FAILURES = (
 )
 
 
+#: llama-quantize's "[  25/ 195] blk.3.ffn_down.weight ..." lines: tensors done / total
+_QUANTIZED = re.compile(r"^\[\s*(\d+)/\s*(\d+)\]")
+
+
 def _run(cmd: list[str], what: str, cwd: Path | None = None) -> str:
-    """Run a tool with its output echoed to ours (the build log); JobError naming a known failure."""
+    """Run a tool with its output echoed to ours (the build log); JobError naming a known failure.
+    llama-quantize's tensor counter becomes an engine.progress task."""
     print("$ " + " ".join(cmd), flush=True)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=cwd)
     assert proc.stdout is not None
     lines = []
+    counted = None
     for raw in proc.stdout:
         line = raw.decode("utf-8", "replace")
         lines.append(line)
         sys.stdout.write(line)
         sys.stdout.flush()
+        found = _QUANTIZED.match(line)
+        if found:
+            counted = counted or task(f"{what}: tensors", int(found.group(2)), "tensors")
+            counted.update(int(found.group(1)))
+    if counted is not None:
+        counted.finish()
     code = proc.wait()
     output = "".join(lines)
     if code != 0:
