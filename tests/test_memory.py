@@ -56,6 +56,9 @@ def test_formulas_against_the_measurements_at_phi35_scale():
     assert within(build.peak_rss, 24.1 * GB), memory.gb(build.peak_rss)
     reference = memory.reference_whole(facts, 512)
     assert within(reference.peak_rss, 22.5 * GB), memory.gb(reference.peak_rss)
+    # benchmarks/big_model.py, llama.cpp Q4_K_M variant of the same shapes being scored: RssAnon 2,284,456 kB
+    scoring = get_runtime("llama.cpp").eval_memory(facts, {"ftype": "Q4_K_M"}, 128)
+    assert within(scoring.anonymous, 2_284_456 * 1024), memory.gb(scoring.anonymous)
 
 
 @pytest.fixture(scope="module")
