@@ -182,7 +182,12 @@ def describe(event: Event) -> str:
         text = f"{event['stage']}: {done:.0f}/{total:.0f} {unit} ({100 * done / total:.0f}%)".replace("  (", " (")
     if seconds >= 0.5 and done:
         rate = done / seconds
-        text += f", {human(rate, unit)}/s" if unit == "B" else f", {rate:.1f} {unit or 'items'}/s"
+        if unit == "B":
+            text += f", {human(rate, unit)}/s"
+        elif rate >= 0.1:
+            text += f", {rate:.1f} {unit or 'items'}/s"
+        else:  # slow steps read better per item: "44.6 s per window"
+            text += f", {seconds / done:.1f} s per {(unit or 'items').removesuffix('s')}"
     return text
 
 

@@ -132,3 +132,10 @@ def test_hub_download_bytes_become_a_task():
         data.close()
     assert [e["stage"] for e in heard] == ["downloading"] * len(heard) and len(heard) >= 2
     assert heard[-1]["end"] and heard[-1]["done"] == 3000 and heard[-1]["total"] == 3000 and heard[-1]["unit"] == "B"
+
+
+def test_rates_read_well_when_fast_and_when_slow():
+    fast = {"stage": "scoring", "done": 8, "total": 16, "unit": "windows", "seconds": 2.0, "end": False}
+    slow = {"stage": "scoring", "done": 2, "total": 2, "unit": "windows", "seconds": 89.2, "end": True}
+    assert progress.describe(fast) == "scoring: 8/16 windows (50%), 4.0 windows/s"
+    assert progress.describe(slow) == "scoring: 2/2 windows (100%), 44.6 s per window"
