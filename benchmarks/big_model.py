@@ -170,6 +170,7 @@ def main() -> None:
     parser.add_argument("--clean", action="store_true", help="delete the checkpoint and store afterwards")
     parser.add_argument("--max-memory", default="6G", help="engine apply --max-memory (default 6G: a shared machine)")
     parser.add_argument("--make-only", action="store_true", help="only write the checkpoint")
+    parser.add_argument("--reference-only", action="store_true", help="only the streamed reference pass")
     args = parser.parse_args()
     estimates(args.shape)
     if args.estimates_only:
@@ -183,7 +184,7 @@ def main() -> None:
     work = args.dir / "work"
     work.mkdir(parents=True, exist_ok=True)
     size = sum(p.stat().st_size for p in model.glob("*.safetensors"))
-    for runtime in args.runtime or ["onnxruntime-genai"]:
+    for runtime in [] if args.reference_only else args.runtime or ["onnxruntime-genai"]:
         path = recipe(work, model, runtime)
         seconds, peak, text = engine_cli(["apply", "--dry-run", path.name], work)
         print(f"\n== {runtime}: first plan (digest of {size / 1e9:.1f} GB): {seconds:.1f} s, "
