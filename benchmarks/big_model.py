@@ -168,7 +168,8 @@ def main() -> None:
     parser.add_argument("--runtime", action="append", help="runtimes to apply (default: onnxruntime-genai)")
     parser.add_argument("--estimates-only", action="store_true", help="print estimates from the config only")
     parser.add_argument("--clean", action="store_true", help="delete the checkpoint and store afterwards")
-    parser.add_argument("--max-memory", default="6G", help="engine apply --max-memory (default 6G: a shared machine)")
+    parser.add_argument("--max-memory", default="6G",
+                        help="engine apply --max-memory (default 6G: a shared machine)")
     parser.add_argument("--make-only", action="store_true", help="only write the checkpoint")
     parser.add_argument("--reference-only", action="store_true", help="only the streamed reference pass")
     args = parser.parse_args()
@@ -192,7 +193,8 @@ def main() -> None:
         seconds, peak, _ = engine_cli(["apply", "--dry-run", path.name], work)
         print(f"   second plan (stat-cached digest): {seconds:.2f} s")
         seconds, peak, text = engine_cli(["apply", "--max-memory", args.max_memory, path.name], work)
-        print(f"   apply (--max-memory {args.max_memory}): {seconds:.1f} s, peak RSS (engine and children) {peak / 1e9:.2f} GB\n{text}")
+        print(f"   apply (--max-memory {args.max_memory}): {seconds:.1f} s, "
+              f"peak RSS (engine and children) {peak / 1e9:.2f} GB\n{text}")
         if "[exit 0]" in text:
             seconds, peak, text = engine_cli(["apply", "--max-memory", args.max_memory, path.name], work)
             print(f"   cached apply: {seconds:.2f} s\n{text}")

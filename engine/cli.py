@@ -147,7 +147,7 @@ def _memory(step) -> str:
     from .memory import gb
 
     if step.memory_estimate is None:
-        return "  [memory: no estimate (no safetensors header or config.json to read yet)]" if step.kind != "source" else ""
+        return "" if step.kind == "source" else "  [memory: no estimate (no safetensors header or config.json yet)]"
     return f"  [memory ~{gb(step.memory_estimate)}: {step.memory_note}]"
 
 

@@ -146,7 +146,8 @@ def compute_reference(source_dir: Path, spec: dict, out_dir: Path, progress: Pro
             logprobs = scored_logprobs(logits, window)
             total += nll(logprobs, window.targets)
             count += len(window.targets)
-            np.save(out_dir / f"ref-{i:04d}.npy", logprobs.astype(np.float32))  # fp16 is too coarse for small KLs
+            # float32: fp16 is too coarse for small KLs
+            np.save(out_dir / f"ref-{i:04d}.npy", logprobs.astype(np.float32))
             scored.advance()
     meta = {
         "windows": [{"input_ids": w.input_ids, "first_scored": w.first_scored} for w in windows],
@@ -206,9 +207,10 @@ def _quality(model: Any, ppl: dict, ref: dict, reference_dir: Path, progress: Pr
             if i == 0 and ppl.get("fidelity", True):
                 vocab = np.load(reference_dir / "ref-0000.npy", mmap_mode="r").shape[-1]
                 if logits.shape[-1] != vocab:
-                    raise EngineError(f"the variant's vocabulary ({logits.shape[-1]} tokens) is not the reference's "
-                                      f"({vocab}): KL and top-1 cannot compare them",
-                                      hint="eval.reference must be the unquantized model the variant was made from")
+                    raise EngineError(
+                        f"the variant's vocabulary ({logits.shape[-1]} tokens) is not the reference's ({vocab}): "
+                        "KL and top-1 cannot compare them",
+                        hint="eval.reference must be the unquantized model the variant was made from")
             logprobs = scored_logprobs(logits, window)
             total += nll(logprobs, window.targets)
             count += len(window.targets)
