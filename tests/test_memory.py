@@ -175,3 +175,25 @@ def test_plan_carries_memory_estimate_for_concurrent_admission(tmp_path):
     build = plan.build.memory_estimate
     assert isinstance(build, int) and build > 4 * facts.params
     assert all(isinstance(s.memory_estimate, int) for s in plan.steps)
+
+
+def test_a_refusal_names_the_runtime_whose_build_would_fit(tmp_path):
+    """Under a bound between llama.cpp's build estimate (lazy converter) and onnxruntime-genai's (fp32
+    builder), the refusal names llama.cpp; with --force-memory nothing is refused."""
+    from engine.admission import MemoryRefused, check_fits
+    from engine.plan import make_plan
+    from engine.recipe import load_recipes
+    from engine.store import Store
+
+    (tmp_path / "r.yaml").write_text(RECIPE)
+    (recipe,), _ = load_recipes(tmp_path / "r.yaml")
+    plan = make_plan(recipe, Store(tmp_path / "store"))
+    facts = facts_from_folder(SHIPPED)
+    lazy = get_runtime("llama.cpp").build_memory(facts, {}).anonymous
+    assert lazy < plan.build.memory_estimate
+    bound = (lazy + plan.build.memory_estimate) // 2
+    with pytest.raises(MemoryRefused) as refused:
+        check_fits(plan, bound)
+    assert "build needs" in refused.value.message and "nothing was started" in refused.value.message
+    assert "a runtime whose build fits: llama.cpp" in refused.value.hint
+    check_fits(plan, bound, force=True)
