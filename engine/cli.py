@@ -95,14 +95,22 @@ def schema(runtime: str | None) -> None:
               "a cluster of this machine]")
 @click.option("--retries", type=click.IntRange(min=0), default=1, show_default=True,
               help="Times a variant whose worker died is run again (--jobs > 1 or --executor ray).")
+@click.option("--max-memory", metavar="SIZE", help="Refuse a step whose estimated peak memory is above SIZE "
+              "(12G, 11.5GiB, 800M). Default: the memory available now (MemAvailable).")
+@click.option("--force-memory", is_flag=True, help="Run steps even when their memory estimate does not fit.")
 @click.pass_obj
 def apply(loc: Locations, recipes: tuple[str, ...], dry_run: bool, force: bool, jobs: int, executor: str,
-          address: str | None, retries: int) -> None:
+          address: str | None, retries: int, max_memory: str | None, force_memory: bool) -> None:
     """Validate, plan, run the missing steps and register each recipe's variant."""
     from .executors import make_executor
+    from .memory import parse_size
     from .pipeline import apply_recipes
     from .recipe import load_recipes
 
+    try:
+        limit = parse_size(max_memory) if max_memory is not None else None
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="--max-memory") from None
     runner = make_executor(jobs, executor, address, retries)  # before any work: a missing Ray says so now
 
     loaded, skipped = [], []
@@ -113,8 +121,7 @@ def apply(loc: Locations, recipes: tuple[str, ...], dry_run: bool, force: bool, 
     _print_skipped(skipped)
 
     def show(outcome) -> None:
-        if sys.stderr.isatty():  # clear the live progress line
-            click.echo("\r\033[K", nl=False, err=True)
+        _terminal().clear()  # the live progress line, on a terminal
         if outcome.error is not None:
             if len(loaded) > 1:
                 error = outcome.error
@@ -125,8 +132,12 @@ def apply(loc: Locations, recipes: tuple[str, ...], dry_run: bool, force: bool, 
         else:
             _print_applied(outcome.result)
 
-    result = apply_recipes(loaded, loc, force=force, dry_run=dry_run, progress=_progress, on_outcome=show,
-                           executor=runner if len(loaded) > 1 else None)
+    from .progress import reporting
+
+    with reporting(_terminal()):  # digest, download, build and scoring tasks: live on a terminal
+        result = apply_recipes(loaded, loc, force=force, dry_run=dry_run, progress=_progress, on_outcome=show,
+                               executor=runner if len(loaded) > 1 else None, max_memory=limit,
+                               force_memory=force_memory)
     failed = result.failed
     if len(loaded) == 1 and failed:
         raise failed[0].error
@@ -139,7 +150,16 @@ def _print_plan(result) -> None:
     click.echo(f"plan for {result.plan.recipe.name}:")
     for step in result.plan.steps:
         status = {"cached": "cached", "missing": "to build", "local": "local folder", "hub": "hub"}[step.status]
-        click.echo(f"  {step.kind:<7} {status:<12} {step.key[:16]}…  {step.detail}")
+        click.echo(f"  {step.kind:<7} {status:<12} {step.key[:16]}…  {step.detail}{_memory(step)}")
+
+
+def _memory(step) -> str:
+    """The step's memory estimate for the plan (engine.memory)."""
+    from .memory import gb
+
+    if step.memory_estimate is None:
+        return "" if step.kind == "source" else "  [memory: no estimate (no safetensors header or config.json yet)]"
+    return f"  [memory ~{gb(step.memory_estimate)}: {step.memory_note}]"
 
 
 def _print_applied(result) -> None:
@@ -153,22 +173,25 @@ def _print_applied(result) -> None:
     click.echo(f"{ref}: built ({built}) and registered, {v.size_bytes:,} bytes")
 
 
+_TERMINAL = None
+
+
+def _terminal():
+    """The engine's progress on the real stderr (engine.quiet.terminal: a step sends fds 1 and 2 to
+    its log): one live line on a terminal, a few short lines otherwise (engine.progress)."""
+    global _TERMINAL
+    if _TERMINAL is None:
+        from .progress import Terminal
+        from .quiet import terminal
+
+        _TERMINAL = Terminal(terminal(2))
+    return _TERMINAL
+
+
 def _progress(name: str):
-    """Step lines on stderr (the tools' own output only on a terminal, where it replaces itself).
-
-    Written to the real stderr (engine.quiet.terminal): a step sends fds 1 and 2 to its log."""
-    from .quiet import terminal
-
-    err = terminal(2)
-    live = err.isatty()
-
-    def update(message: str, detail: bool = False) -> None:
-        if live:
-            click.echo(f"\r\033[K{name}: {message}"[:160], nl=False, file=err)
-        elif not detail:
-            click.echo(f"{name}: {message}", file=err)
-
-    return update
+    """Step lines for one variant (the tools' own output only on a terminal, where it replaces itself)."""
+    term = _terminal()
+    return lambda message, detail=False: term.message(name, message, detail)
 
 
 def _generation_options(fn):

@@ -17,6 +17,7 @@ from typing import Any
 
 from .errors import EngineError, SourceUnavailable
 from .hashing import content_key
+from .progress import task
 from .tasks import key_part
 
 REFERENCE_STEP_VERSION = 2  # 2: reference log-probs stored as float32
@@ -124,8 +125,13 @@ def eval_key(build_key: str, reference: str | None, spec: dict, versions: dict) 
 
 
 # -- the reference pass -----------------------------------------------------------------------------
-def compute_reference(source_dir: Path, spec: dict, out_dir: Path, progress: Progress) -> dict:
-    """Tokenize the dataset with the source tokenizer and score the source model (fp32, PyTorch)."""
+def compute_reference(source_dir: Path, spec: dict, out_dir: Path, progress: Progress, *,
+                      streamed: bool = False) -> dict:
+    """Tokenize the dataset with the source tokenizer and score the source model (fp32, PyTorch).
+
+    `streamed`: the same fp32 forward pass one decoder layer at a time (engine.streamed), for a model
+    that does not fit in memory whole; its scores agree with the whole-model pass (tests/test_streamed.py),
+    so both share the reference's key."""
     from .quiet import quiet_transformers
 
     quiet_transformers()
@@ -144,26 +150,42 @@ def compute_reference(source_dir: Path, spec: dict, out_dir: Path, progress: Pro
     if not windows:
         raise EngineError("the evaluation dataset is too short for one window",
                           hint="use a longer text or a smaller eval.perplexity.window")
-    model = AutoModelForCausalLM.from_pretrained(source_dir, dtype=torch.float32)
-    model.eval()
+    if streamed:
+        from .streamed import windows_logits
+
+        all_logits = windows_logits(source_dir, [w.input_ids for w in windows], progress)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(source_dir, dtype=torch.float32)
+        model.eval()
+        all_logits = _whole_model_logits(model, windows)
     total, count = 0.0, 0
-    for i, window in enumerate(windows):
-        progress(f"reference: window {i + 1}/{len(windows)}")
-        with torch.no_grad():
-            logits = model(torch.tensor([window.input_ids])).logits[0].float().numpy()
-        logprobs = scored_logprobs(logits, window)
-        total += nll(logprobs, window.targets)
-        count += len(window.targets)
-        np.save(out_dir / f"ref-{i:04d}.npy", logprobs.astype(np.float32))  # fp16 is too coarse for small KLs
+    with task("reference: scoring the source", len(windows), "windows") as scored:
+        for i, (window, logits) in enumerate(zip(windows, all_logits)):
+            logprobs = scored_logprobs(logits, window)
+            total += nll(logprobs, window.targets)
+            count += len(window.targets)
+            # float32: fp16 is too coarse for small KLs
+            np.save(out_dir / f"ref-{i:04d}.npy", logprobs.astype(np.float32))
+            scored.advance()
     meta = {
         "windows": [{"input_ids": w.input_ids, "first_scored": w.first_scored} for w in windows],
         "source_perplexity": perplexity(total, count), "scored_tokens": count,
         "dataset_tokens": len(ids), "bos_id": bos_id,
         "source_weight_bytes": sum(p.stat().st_size for p in Path(source_dir).iterdir()
                                    if p.suffix in WEIGHT_SUFFIXES),
+        "pass": "streamed" if streamed else "whole",
     }
     (out_dir / "reference.json").write_text(json.dumps(meta))
     return {k: v for k, v in meta.items() if k != "windows"}
+
+
+def _whole_model_logits(model: Any, windows: list) -> Any:
+    """fp32 logits of each window from the model held whole in memory."""
+    import torch
+
+    for window in windows:
+        with torch.no_grad():
+            yield model(torch.tensor([window.input_ids])).logits[0].float().numpy()
 
 
 # -- scoring a variant ------------------------------------------------------------------------------
@@ -215,23 +237,25 @@ def _quality(model: Any, ppl: dict, ref: dict, reference_dir: Path, progress: Pr
     total = kl_sum = 0.0
     count = agree = 0
     windows = ref["windows"]
-    for i, w in enumerate(windows):
-        progress(f"evaluating: window {i + 1}/{len(windows)}")
-        window = Window(w["input_ids"], w["first_scored"])
-        logits = model.logits(window.input_ids)
-        if i == 0 and ppl.get("fidelity", True):
-            vocab = np.load(reference_dir / "ref-0000.npy", mmap_mode="r").shape[-1]
-            if logits.shape[-1] != vocab:
-                raise EngineError(f"the variant's vocabulary ({logits.shape[-1]} tokens) is not the reference's "
-                                  f"({vocab}): KL and top-1 cannot compare them",
-                                  hint="eval.reference must be the unquantized model the variant was made from")
-        logprobs = scored_logprobs(logits, window)
-        total += nll(logprobs, window.targets)
-        count += len(window.targets)
-        if ppl.get("fidelity", True):
-            kl, same = kl_and_top1(np.load(reference_dir / f"ref-{i:04d}.npy"), logprobs)
-            kl_sum += kl
-            agree += same
+    with task("evaluating: scoring the variant", len(windows), "windows") as scored:
+        for i, w in enumerate(windows):
+            window = Window(w["input_ids"], w["first_scored"])
+            logits = model.logits(window.input_ids)
+            if i == 0 and ppl.get("fidelity", True):
+                vocab = np.load(reference_dir / "ref-0000.npy", mmap_mode="r").shape[-1]
+                if logits.shape[-1] != vocab:
+                    raise EngineError(
+                        f"the variant's vocabulary ({logits.shape[-1]} tokens) is not the reference's ({vocab}): "
+                        "KL and top-1 cannot compare them",
+                        hint="eval.reference must be the unquantized model the variant was made from")
+            logprobs = scored_logprobs(logits, window)
+            total += nll(logprobs, window.targets)
+            count += len(window.targets)
+            if ppl.get("fidelity", True):
+                kl, same = kl_and_top1(np.load(reference_dir / f"ref-{i:04d}.npy"), logprobs)
+                kl_sum += kl
+                agree += same
+            scored.advance()
     how = method(ppl)
     scores = [_score("perplexity", perplexity(total, count), "ppl", how),
               _score("source_perplexity", ref["source_perplexity"], "ppl", how)]
@@ -254,11 +278,12 @@ def _own_perplexity(model: Any, ppl: dict, progress: Progress) -> list[dict]:
         raise EngineError("the evaluation dataset is too short for one window",
                           hint="use a longer text or a smaller eval.perplexity.window")
     total, count = 0.0, 0
-    for i, window in enumerate(windows):
-        progress(f"evaluating: window {i + 1}/{len(windows)}")
-        logprobs = scored_logprobs(model.logits(window.input_ids), window)
-        total += nll(logprobs, window.targets)
-        count += len(window.targets)
+    with task("evaluating: scoring the variant", len(windows), "windows") as scored:
+        for window in windows:
+            logprobs = scored_logprobs(model.logits(window.input_ids), window)
+            total += nll(logprobs, window.targets)
+            count += len(window.targets)
+            scored.advance()
     return [_score("perplexity", perplexity(total, count), "ppl", method(ppl))]
 
 

@@ -16,6 +16,8 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from . import memory
+from .admission import check_fits, choose_reference_pass
 from .errors import EngineError
 from .paths import Locations
 from .pipeline import ApplyResult, Outcome, SweepResult, _applying, _materialize, _register, apply_recipe, run_steps
@@ -46,6 +48,7 @@ class Task:
     recipe: Recipe
     estimate: int | None  # bytes the variant's largest missing step needs (None: unknown)
     gpus: int = 0
+    max_memory: int | None = None  # the user's --max-memory: the worker's reference pass honours it too
     attempts: int = 0
 
     @property
@@ -63,12 +66,16 @@ class Done:
     seconds: float
 
 
-def work(recipe: Recipe, locations: Locations, force: bool) -> Done:
+def work(recipe: Recipe, locations: Locations, force: bool, max_memory: int | None = None) -> Done:
     """A worker's whole job for one variant: plan it here, run its missing steps into the store."""
     started = time.perf_counter()
     store = Store(locations.store)
     with using_locations(locations):  # a `source: {variant: ...}` resolves in the driver's registry
         plan = make_plan(recipe, store)
+    available = memory.available_memory()  # this node's: whole or layer-by-layer reference pass
+    bounds = [x for x in (max_memory, available) if x is not None]
+    if bounds:
+        choose_reference_pass(plan, min(bounds))
     if force or store.get(plan.build.key) is None:
         plan.runtime.check_available(recipe.data)
     ran: list[StepRecord] = []
@@ -106,8 +113,11 @@ class Executor:
         raise NotImplementedError
 
     def apply(self, recipes: list[Recipe], locations: Locations, *, skipped: list[Skipped], force: bool,
-              progress: Callable[[str], Progress], on_outcome: Callable[[Outcome], None]) -> SweepResult:
-        """What pipeline.apply_recipes does serially, with the missing steps run by `run`."""
+              progress: Callable[[str], Progress], on_outcome: Callable[[Outcome], None],
+              max_memory: int | None = None, force_memory: bool = False) -> SweepResult:
+        """What pipeline.apply_recipes does serially, with the missing steps run by `run`; a variant
+        with a step that cannot fit (engine.admission) is refused before any work, as serially."""
+        self.max_memory = max_memory
         locations = Locations(locations.registry.absolute(), locations.store.absolute())
         store = Store(locations.store)
         outcomes: dict[int, Outcome] = {}
@@ -122,8 +132,10 @@ class Executor:
                 with using_locations(locations):
                     plan = make_plan(recipe, store)
                 if not force and all(step.hit for step in plan.steps):  # cached: registered here, at once
-                    finish(index, Outcome(recipe.name, apply_recipe(recipe, locations, progress=progress(recipe.name))))
+                    finish(index, Outcome(recipe.name, apply_recipe(recipe, locations, progress=progress(recipe.name),
+                                                                    max_memory=max_memory, force_memory=force_memory)))
                     continue
+                check_fits(plan, max_memory, force=force_memory)
                 plan.runtime.check_available(recipe.data)
                 plans[index] = plan
             except EngineError as error:
@@ -157,7 +169,8 @@ class Executor:
                 finish(index, Outcome(plan.recipe.name, error=failed))
                 continue
             device = plan.recipe.data["target"].get("device", "cpu")
-            tasks.append(Task(index, recipes[index], estimate_of(plan), gpus=0 if device == "cpu" else 1))
+            tasks.append(Task(index, recipes[index], estimate_of(plan), gpus=0 if device == "cpu" else 1,
+                              max_memory=getattr(self, "max_memory", None)))
 
         def started(task: Task, what: str) -> None:
             progress(task.name)(what, False)

@@ -37,7 +37,13 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
     with open(path, "rb") as handle:
         while chunk := handle.read(CHUNK_SIZE):
             digest.update(chunk)
+            if _digesting is not None:
+                _digesting.advance(len(chunk))
     return digest.hexdigest()
+
+
+#: the progress task of the tree being digested (engine.progress), counting bytes as they are read
+_digesting = None
 
 
 _SCHEMA = (
@@ -179,7 +185,19 @@ def tree_manifest(
     folder), a link must lead inside one of those folders and every file must be a regular one:
     otherwise SourceRefused, before anything is read (a link to /proc would block, to /usr hash GBs).
     """
-    root_path = Path(root)
+    global _digesting
+    from .progress import task
+
+    outer, _digesting = _digesting, task("digesting", unit="B")
+    try:
+        with _digesting:
+            return _tree_manifest(Path(root), cache, ignore, confined_to)
+    finally:
+        _digesting = outer
+
+
+def _tree_manifest(root_path: Path, cache: StatCache | None, ignore: Iterable[str],
+                   confined_to: Sequence[str | os.PathLike[str]] | None) -> list[dict[str, Any]]:
     patterns = tuple(ignore)
     allowed = None if confined_to is None else [os.path.realpath(p) for p in confined_to]
     entries: list[dict[str, Any]] = []

@@ -17,30 +17,19 @@ from multiprocessing.connection import wait as wait_any
 
 from .errors import EngineError
 from .executors import Executor, Task, WorkerLost, portable, work
+from .memory import available_memory
 from .paths import Locations
 from .recipe import Recipe
 from .subproc import _die_with_parent as die_with_parent  # the build children's own guard
 
 
-def mem_available() -> int | None:
-    """MemAvailable from /proc/meminfo in bytes (None off Linux)."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def _child(conn, recipe: Recipe, locations: Locations, force: bool) -> None:
+def _child(conn, recipe: Recipe, locations: Locations, force: bool, max_memory: int | None = None) -> None:
     """A local worker process: one variant, its result (or its error) sent down the pipe. It dies
     with the driver (kill -9 included), and its build child with it."""
     die_with_parent()
     try:
         try:
-            conn.send(("done", work(recipe, locations, force)))
+            conn.send(("done", work(recipe, locations, force, max_memory)))
         except EngineError as error:
             conn.send(("error", portable(error)))
         except Exception as error:  # noqa: BLE001 - a bug: reported as this variant's failure, not retried
@@ -56,7 +45,7 @@ class LocalExecutor(Executor):
 
     def __init__(self, jobs: int, retries: int = 1, budget: int | None = None) -> None:
         self.jobs, self.retries = max(1, jobs), retries
-        self.budget = budget if budget is not None else mem_available()
+        self.budget = budget if budget is not None else available_memory()
 
     def _fits(self, task: Task, running: list[Task]) -> bool:
         if not running:
@@ -78,7 +67,7 @@ class LocalExecutor(Executor):
                         break
                     pending.remove(task)
                     ours, theirs = context.Pipe(duplex=False)
-                    proc = context.Process(target=_child, args=(theirs, task.recipe, locations, force),
+                    proc = context.Process(target=_child, args=(theirs, task.recipe, locations, force, task.max_memory),
                                            name=f"engine-{task.name}", daemon=True)
                     proc.start()
                     theirs.close()  # only the child holds its end: its death is an EOF here

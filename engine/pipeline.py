@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import __version__
+from .admission import check_fits, choose_reference_pass
 from .errors import ArtifactVanished, BuildFailed, EngineError, SourceChanged, store_error
 from .evaluation import compute_reference, evaluate_variant
 from .paths import Locations, resolve
@@ -87,19 +88,22 @@ def apply(recipe: Recipe | str | Path, locations: Locations | None = None, *, fo
 def apply_recipes(recipes: Iterable[Recipe], locations: Locations | None = None, *, skipped: list[Skipped] = (),
                   force: bool = False, dry_run: bool = False,
                   progress: Callable[[str], Progress] = lambda name: quiet,
-                  on_outcome: Callable[[Outcome], None] = lambda outcome: None, executor=None) -> SweepResult:
+                  on_outcome: Callable[[Outcome], None] = lambda outcome: None, executor=None,
+                  max_memory: int | None = None, force_memory: bool = False) -> SweepResult:
     """Apply each recipe in turn; an EngineError in one is recorded and the next one runs.
     `progress(name)` gives the progress callback for one variant; `on_outcome` hears each result.
-    An `executor` (engine.executors: local processes or Ray) runs the variants in parallel instead."""
+    An `executor` (engine.executors: local processes or Ray) runs the variants in parallel instead.
+    `max_memory` (bytes) bounds each step's estimated peak; `force_memory` skips that check."""
     locations = locations or resolve()
     if executor is not None and not dry_run:  # variants in parallel (engine.executors)
         return executor.apply(list(recipes), locations, skipped=list(skipped), force=force, progress=progress,
-                              on_outcome=on_outcome)
+                              on_outcome=on_outcome, max_memory=max_memory, force_memory=force_memory)
     outcomes = []
     for recipe in recipes:
         try:
             outcome = Outcome(recipe.name, apply_recipe(recipe, locations, force=force, dry_run=dry_run,
-                                                        progress=progress(recipe.name)))
+                                                        progress=progress(recipe.name), max_memory=max_memory,
+                                                        force_memory=force_memory))
         except EngineError as error:
             outcome = Outcome(recipe.name, error=error)
         outcomes.append(outcome)
@@ -108,17 +112,22 @@ def apply_recipes(recipes: Iterable[Recipe], locations: Locations | None = None,
 
 
 def apply_recipe(recipe: Recipe, locations: Locations, *, force: bool = False, dry_run: bool = False,
-                 progress: Progress = quiet) -> ApplyResult:
-    """Plan one variant, run what is missing, register it."""
+                 progress: Progress = quiet, max_memory: int | None = None,
+                 force_memory: bool = False) -> ApplyResult:
+    """Plan one variant, run what is missing, register it; a step whose estimated memory does not
+    fit is refused before any work (engine.admission)."""
     started = time.perf_counter()
     store = Store(locations.store)
     with using_locations(locations):  # a `source: {variant: ...}` is looked up in this registry and store
         plan = make_plan(recipe, store)
     if dry_run:
+        if max_memory is not None:  # the reference pass the bound would choose (engine.admission)
+            choose_reference_pass(plan, max_memory)
         if force:
             plan.build.status = "missing"
         return ApplyResult(plan, None, seconds=time.perf_counter() - started)
     ran: list[StepRecord] = []
+    check_fits(plan, max_memory, force=force_memory)
     if force or store.get(plan.build.key) is None:
         plan.runtime.check_available(recipe.data)
     with _applying(plan, store, locations, force):
@@ -237,7 +246,7 @@ def _evaluate(plan: Plan, store: Store, artifact: Entry, ran: list[StepRecord], 
         def reference(stage) -> dict:
             meta = compute_reference(_materialize(plan, store, ran, progress, plan.reference_source,
                                                   plan.reference_step), plan.spec, stage.files_dir,
-                                     lambda m: progress(m, True))
+                                     lambda m: progress(m, True), streamed=ref_step.inputs.get("streamed", False))
             _check_unchanged(plan.reference_source, plan.reference_step.key, store)
             return meta
 

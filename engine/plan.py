@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .admission import estimate_plan
 from .discovery import get_runtime
 from .errors import EngineError, RecipeInvalid
 from .evaluation import eval_key, eval_spec, method, reference_key
@@ -111,7 +112,9 @@ def make_plan(recipe: Recipe, store: Store, *, versions: VersionLookup = install
                                                   "add eval.reference: {path: <HF folder>} or {model: ..., revision: ...}")])
             spec["perplexity"] = {**spec["perplexity"], "fidelity": False, "tokens": "variant tokenizer"}
         steps += _eval_steps(spec, ref_step.key if ref_step else None, build_key, library, store, versions)
-    return Plan(recipe, runtime, source, record, steps, spec, ref_source, ref_step)
+    plan = Plan(recipe, runtime, source, record, steps, spec, ref_source, ref_step)
+    estimate_plan(plan)  # memory each step will need (engine.memory): before any work
+    return plan
 
 
 def _reference(recipe: Recipe, source: Source, source_step: StepPlan, stat_cache, store: Store,

@@ -22,10 +22,11 @@ from .paths import Locations
 from .recipe import Recipe
 
 
-def _task(recipe: Recipe, locations: Locations, force: bool) -> tuple[str, Done | EngineError]:
+def _task(recipe: Recipe, locations: Locations, force: bool,
+          max_memory: int | None = None) -> tuple[str, Done | EngineError]:
     """One variant on a Ray worker; a user's or a backend's error comes back as a value."""
     try:
-        return "done", work(recipe, locations, force)
+        return "done", work(recipe, locations, force, max_memory)
     except EngineError as error:
         return "error", portable(error)
 
@@ -66,7 +67,7 @@ class RayExecutor(Executor):
             options["memory"] = int(min(task.estimate, largest)) if largest else task.estimate
         if task.gpus:
             options["num_gpus"] = task.gpus
-        return _remote_task.options(**options).remote(task.recipe, locations, force)
+        return _remote_task.options(**options).remote(task.recipe, locations, force, task.max_memory)
 
     def run(self, tasks, locations, force, started):
         shutdown = self._connect()

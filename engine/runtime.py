@@ -306,6 +306,21 @@ class Runtime(ABC):
         WeightPrecision rows); recorded at build time for `engine show` and `engine diff`."""
         return []
 
+    # -- memory (engine.memory, docs/memory.md) ------------------------------------------------------
+    def build_memory(self, facts: Any, params: dict) -> Any:
+        """The build's peak (an engine.memory.Estimate) for a model with these ModelFacts. The
+        default assumes a builder that holds the whole model in fp32; override with what the
+        backend is measured to do."""
+        from .memory import default_build
+
+        return default_build(facts)
+
+    def eval_memory(self, facts: Any, params: dict, window: int) -> Any:
+        """Scoring a variant: the loaded artifact and one window's logits (an Estimate)."""
+        from .memory import default_eval
+
+        return default_eval(facts, window)
+
     # -- what `engine show` adds -------------------------------------------------------------------
     def show_sections(self, meta: dict) -> list[Section]:
         """Tables `engine show` prints for a variant of this runtime, from its build facts."""

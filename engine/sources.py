@@ -445,6 +445,34 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
+def _download_progress() -> type:
+    """A tqdm stand-in for snapshot_download: its bytes bar becomes an engine.progress task (live on a
+    terminal, one summary line in CI), its other bars show nothing."""
+    from tqdm.auto import tqdm
+
+    from .progress import task
+
+    class Bytes(tqdm):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            counted = kwargs.get("unit") == "B"
+            kwargs.pop("name", None)
+            super().__init__(*args, **{**kwargs, "disable": True})
+            self._task = task("downloading", unit="B") if counted else None
+            self._count = 0.0
+
+        def update(self, n: float | None = 1) -> None:
+            if self._task is not None:
+                self._task.total = self.total or None
+                self._task.advance(n or 0)
+
+        def close(self) -> None:
+            if self._task is not None:
+                self._task.finish()
+            super().close()
+
+    return Bytes
+
+
 def _materialize_hub(repo: str, revision: str, dest_parent: Path, allow_patterns: list[str] | None,
                      cache_dir: Path | None) -> Path:
     """The snapshot folder in the hub cache (downloaded unless offline); when `allow_patterns`
@@ -461,6 +489,7 @@ def _materialize_hub(repo: str, revision: str, dest_parent: Path, allow_patterns
                 allow_patterns=allow_patterns,
                 cache_dir=_hub_cache(cache_dir),
                 local_files_only=offline,
+                tqdm_class=_download_progress(),
             )
         )
     except Exception as exc:  # any hub/network failure means: not available

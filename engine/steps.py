@@ -41,6 +41,9 @@ class StepPlan:
     status: str  # "cached" | "missing" | "local" | "hub"
     detail: str = ""
     inputs: dict = field(default_factory=dict)  # what the work gets: params plus "_..." inputs
+    #: bytes the step must have free at its peak (engine.memory; None: unknown), set by make_plan
+    memory_estimate: int | None = None
+    memory_note: str = ""  # how that was estimated (and the peak RSS with mapped checkpoint pages)
 
     @property
     def hit(self) -> bool:

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from . import progress
 from .errors import BuildFailed
 
 _PR_SET_PDEATHSIG = 1
@@ -66,8 +67,8 @@ def run_logged(
     what: str = "build",
 ) -> None:
     """Run `cmd`, appending its combined output to `log_path`; BuildFailed on a non-zero exit."""
-    full_env = {**os.environ, **(env or {})}
-    with open(log_path, "ab") as log:
+    with open(log_path, "ab") as log, progress.child_channel() as (channel, fds, close_ours):
+        full_env = {**os.environ, **(env or {}), **channel}  # the child's tasks reach our terminal
         log.write(("$ " + " ".join(cmd) + "\n").encode())
         log.flush()
         proc = None
@@ -75,8 +76,9 @@ def run_logged(
             with _held():
                 proc = subprocess.Popen(
                     list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=full_env,
-                    cwd=cwd, preexec_fn=_die_with_parent,
+                    cwd=cwd, preexec_fn=_die_with_parent, pass_fds=fds,
                 )
+            close_ours()  # the child holds the write end now: the reader ends when it exits
             _pump(proc, log, on_line)
         except BaseException:  # Ctrl-C or an error on our side: the child must not outlive the step
             if proc is not None:

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..progress import task
 from ..subproc import JobError, child_main
 
 FORMAT = 1
@@ -57,21 +58,27 @@ def run(job: dict) -> dict:
     started = time.perf_counter()
     torch.manual_seed(job["seed"])
     source, out = Path(job["source_dir"]), Path(job["out_dir"])
-    task = job.get("task", "text-generation")
-    model, tokenizer, source_dtype = load_source(source, task)
+    model_task = job.get("task", "text-generation")
+    stages = task("itrex build", 4, "stages")  # reported to the engine's terminal (engine.progress)
+    stages.step("loading the source")
+    model, tokenizer, source_dtype = load_source(source, model_task)
     fp32_modules = resolve_skip_modules(model, job["skip_modules"] + kept_in_fp32(model))
     config, layer_map = make_config(job, model, fp32_modules)
     say(f"quantizing with {type(config).__name__} {job['inc']}")
     samples = calibration_ids(tokenizer, job.get("calibration_texts"), job.get("seq_len", 512))
     t0 = time.perf_counter()
+    stages.step(f"quantizing ({job['algorithm']})")
     model = quantize(model, config, job["algorithm"], samples, job.get("teq", {}))
     seconds = time.perf_counter() - t0
     probe_ids = tokenizer(PROBE_TEXT)["input_ids"][:32]
-    probe = logits_digest(model, probe_ids, task)
+    probe = logits_digest(model, probe_ids, model_task)
     layers = quantized_layers(model)
+    stages.step("saving")
     stored = save(model, out, source, source_dtype)
     del model
-    reloaded = logits_digest(load_quantized(out, task), probe_ids, task)
+    stages.step("reloading to check")
+    reloaded = logits_digest(load_quantized(out, model_task), probe_ids, model_task)
+    stages.finish()
     if reloaded != probe:
         raise RuntimeError(f"the saved artifact does not reload identically ({probe} != {reloaded})")
     say(f"saved and reloaded identically (probe logits sha256 {probe[:16]})")

@@ -17,6 +17,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+from ..progress import task
 from ..subproc import JobError, child_main
 from .gguf_info import GgufInvalid, read_info
 
@@ -47,17 +48,29 @@ KNOWN_FAILURES = (
 )
 
 
+#: llama-quantize's "[  25/ 195] blk.3.ffn_down.weight ..." lines: tensors done / total
+_QUANTIZED = re.compile(r"^\[\s*(\d+)/\s*(\d+)\]")
+
+
 def _run(cmd: list[str], what: str, cwd: Path | None = None) -> str:
-    """Run a tool with its output echoed to ours (the build log); JobError naming a known failure."""
+    """Run a tool with its output echoed to ours (the build log); JobError naming a known failure.
+    llama-quantize's tensor counter becomes an engine.progress task."""
     print("$ " + " ".join(cmd), flush=True)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=cwd)
     assert proc.stdout is not None
     lines = []
+    counted = None
     for raw in proc.stdout:
         line = raw.decode("utf-8", "replace")
         lines.append(line)
         sys.stdout.write(line)
         sys.stdout.flush()
+        found = _QUANTIZED.match(line)
+        if found:
+            counted = counted or task(f"{what}: tensors", int(found.group(2)), "tensors")
+            counted.update(int(found.group(1)))
+    if counted is not None:
+        counted.finish()
     code = proc.wait()
     output = "".join(lines)
     if code != 0:
@@ -170,6 +183,8 @@ def run(job: dict) -> dict[str, Any]:
     if params.get("import"):
         return _import(job, out_dir)
     ftype, target = params["ftype"], out_dir / GGUF_FILE
+    stages = task("llama.cpp build", 2 if ftype in FLOAT_FTYPES else 3 + bool(params.get("imatrix")), "stages")
+    stages.step("converting")  # reported to the engine's terminal (engine.progress)
     convert = [sys.executable, str(kit / "convert_hf_to_gguf.py"), job["source_dir"], "--outfile"]
     args: dict[str, Any] = {}
     if ftype in FLOAT_FTYPES:
@@ -183,17 +198,21 @@ def run(job: dict) -> dict[str, Any]:
         quantize = [str(kit / "bin" / "llama-quantize")]
         imatrix_summary = None
         if params.get("imatrix"):
+            stages.step("importance matrix")
             imatrix_summary = _imatrix(kit, middle, job["calibration_texts"], params["imatrix"]["seq_len"], scratch)
             quantize += ["--imatrix", "imatrix.gguf"]
         quantize += _quantize_args(params.get("keep", {}))
         args["quantize"] = quantize + [middle.name, str(target), ftype, str(os.cpu_count() or 1)]
+        stages.step(f"quantizing ({ftype})")
         _run(args["quantize"], "llama-quantize", cwd=scratch)
         if params.get("imatrix"):  # kept beside the model: what the quantizer was given
             shutil.copyfile(scratch / "imatrix.gguf", out_dir / "imatrix.gguf")
         middle.unlink()
     info = _read(target)
     kept = _check_kept(params.get("keep", {}), info["tensors"]) if params.get("keep") else []
+    stages.step("probing the model")
     probe = _probe(target)
+    stages.finish()
     shutil.rmtree(scratch, ignore_errors=True)
     return {"imported": False, **_facts(info), "intermediate": params.get("intermediate"), "kept": kept,
             "imatrix_summary": imatrix_summary or "none", "probe": probe,

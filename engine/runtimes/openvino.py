@@ -269,6 +269,14 @@ class OpenVINORuntime(Runtime):
                      "(intel-opencl-icd / level-zero)",
             )
 
+    def build_memory(self, facts: Any, params: dict) -> Any:
+        """optimum-intel traces the fp32 PyTorch model into an IR whose constants it keeps (fp32
+        until NNCF compresses them): two copies of the model at the peak. Not yet measured at scale."""
+        from ..memory import TORCH_BASE, Estimate
+
+        return Estimate(TORCH_BASE + 8 * facts.params, facts.stored_bytes,
+                        "fp32 model and its IR both in memory (not measured at scale)")
+
     def build(self, source_dir: Path, out_dir: Path, params: dict, logs_dir: Path,
               progress: Progress) -> dict:
         config_path = source_dir / "config.json"

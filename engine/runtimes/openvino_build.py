@@ -16,6 +16,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from ..progress import task
 from ..subproc import child_main
 
 _LOW_BIT = {"u4", "i4", "nf4", "f4e2m1", "f8e8m0", "u8", "i8"}
@@ -70,6 +71,8 @@ def copy_pooling(source: Path, out: Path) -> None:
 def run(job: dict) -> dict[str, Any]:
     """Export and compress; the facts worth recording."""
     params, source, out = job["params"], Path(job["source"]), Path(job["out"])
+    stages = task("openvino build", 3, "stages")  # reported to the engine's terminal (engine.progress)
+    stages.step("importing openvino, optimum-intel, nncf")
     say("importing openvino, optimum-intel, nncf, transformers")
     import openvino as ov
     import optimum.intel
@@ -88,9 +91,11 @@ def run(job: dict) -> dict[str, Any]:
             config.update(dataset=texts, num_samples=len(texts), tokenizer=str(source))
             facts["calibration_samples"] = len(texts)
         kwargs["quantization_config"] = OVWeightQuantizationConfig(**config)
+    stages.step(f"exporting and compressing ({params['precision']})")
     say(f"exporting {source.name} to OpenVINO IR ({params['precision']})")
     model_class = getattr(optimum.intel, MODEL_CLASSES[params["task"]])
     model = model_class.from_pretrained(str(source), **kwargs)
+    stages.step("saving")
     model.save_pretrained(out)
     if params["precision"] == "fp16" and params["task"] != "text2text-generation-with-past":
         ov.save_model(model.model, out / "openvino_model.xml", compress_to_fp16=True)
@@ -107,6 +112,7 @@ def run(job: dict) -> dict[str, Any]:
     for xml in ir_files(out):
         sizes.update(weight_bytes(ov.Core().read_model(xml)))
     facts["weight_bytes"] = dict(sorted(sizes.items()))
+    stages.finish()
     say("done")
     return facts
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BuildFailed, EngineError, RuntimeUnavailable
+from ..progress import task
 from ..recipe.schemas import load_schema
 from ..runtime import Model, Progress, Runtime, Sampling
 from ..subproc import run_logged
@@ -33,6 +34,48 @@ def module_to_node(module: str) -> str:
         else:
             out.append(part)
     return "/" + "/".join(out) + "/MatMul"
+
+
+class _BuilderStages:
+    """The builder's own lines, read as it works, as engine.progress tasks: decoder layers read,
+    layers quantized (MatMulNBits), tensors saved."""
+
+    STAGES = (
+        ("reading layers", re.compile(r"^Reading layer (\d+)"), "layers"),
+        ("quantizing layers", re.compile(r"complete quantization of /model/layers\.(\d+)/"), "layers"),
+        ("saving tensors", re.compile(r"^Saving .*\s(\d+)/(\d+) \["), "tensors"),
+    )
+
+    def __init__(self, layers: int | None) -> None:
+        self.layers = layers
+        self.current = None
+
+    def hear(self, line: str) -> None:
+        for name, pattern, unit in self.STAGES:
+            found = pattern.search(line)
+            if not found:
+                continue
+            stage = f"onnxruntime-genai builder: {name}"
+            if self.current is None or self.current.stage != stage:
+                self.finish()
+                total = int(found.group(2)) if pattern.groups > 1 else self.layers
+                self.current = task(stage, total, unit)
+            self.current.update(int(found.group(1)) + (0 if pattern.groups > 1 else 1))
+            return
+
+    def finish(self) -> None:
+        if self.current is not None:
+            self.current.finish()
+            self.current = None
+
+
+def _layer_count(source_dir: Path) -> int | None:
+    """The decoder layers the builder will read (config.json), for its progress."""
+    try:
+        config = json.loads((source_dir / "config.json").read_text(encoding="utf-8"))
+        return int((config.get("text_config") or config)["num_hidden_layers"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 class OrtGenAIRuntime(Runtime):
@@ -119,6 +162,14 @@ class OrtGenAIRuntime(Runtime):
                 hint=f"pip install {package} on a machine with that device, or use `device: cpu`",
             ) from None
 
+    def build_memory(self, facts: Any, params: dict) -> Any:
+        """The model builder loads the checkpoint into fp32 PyTorch modules and writes quantized ONNX
+        tensors beside them: measured 24.1 GB peak RSS for Phi-3.5-mini's shapes (3.82 B params)."""
+        from ..memory import TORCH_BASE, Estimate
+
+        return Estimate(TORCH_BASE + int(4.25 * facts.params), facts.stored_bytes,
+                        "builder holds the model in fp32 (measured)")
+
     def build(self, source_dir: Path, out_dir: Path, params: dict, logs_dir: Path,
               progress: Progress) -> dict:
         extra = ["hf_token=false"]
@@ -138,8 +189,17 @@ class OrtGenAIRuntime(Runtime):
             "-p", params["precision"], "-e", params["execution_provider"],
             "-c", str(scratch), "--extra_options", *extra,
         ]
-        run_logged(cmd, log, env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
-                   on_line=progress, what="onnxruntime-genai model builder")
+        stages = _BuilderStages(_layer_count(source_dir))
+
+        def on_line(line: str) -> None:
+            stages.hear(line)
+            progress(line)
+
+        try:
+            run_logged(cmd, log, env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
+                       on_line=on_line, what="onnxruntime-genai model builder")
+        finally:
+            stages.finish()
         _check_exclusions(log, params.get("nodes_to_exclude", []))
         return {"builder_args": cmd[3:]}
 
