@@ -86,16 +86,19 @@ def big_model(tmp_path_factory) -> Path:
 
 
 def reference_peak(folder: Path, out: Path, streamed: bool) -> tuple[int, float]:
-    """Peak RSS (ru_maxrss, bytes) of a fresh child computing the reference pass, and its perplexity."""
+    """Peak RSS (VmHWM, bytes) of a fresh child computing the reference pass, and its perplexity."""
     code = textwrap.dedent(f"""
-        import json, resource
+        import json
         from pathlib import Path
         from engine.evaluation import compute_reference
         spec = {{"perplexity": {{"window": 128, "stride": 128, "max_windows": 4, "bos": False,
                                 "_files": [{str(DATA)!r}], "_hub": None}}}}
         out = Path({str(out)!r}); out.mkdir()
         meta = compute_reference(Path({str(folder)!r}), spec, out, lambda m: None, streamed={streamed})
-        print(json.dumps([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, meta["source_perplexity"]]))
+        # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a child spawned by a large
+        # pytest process would report the parent's peak
+        hwm = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+        print(json.dumps([hwm, meta["source_perplexity"]]))
     """)
     done = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
     peak, ppl = json.loads(done.stdout.splitlines()[-1])
