@@ -317,8 +317,12 @@ def ls_cmd(loc: Locations, patterns: tuple[str, ...], as_json: bool, all_version
 
     A table on a terminal; plain aligned columns when piped or longer than 200 rows.
     """
+    import gc
+
     from .catalog import list_variants, score_methods
     from .render import ls_cells, ls_row, ls_text
+
+    gc.disable()  # ~100,000 short-lived dicts and tuples, no cycles: the collector would only rescan them
 
     listed = list_variants(loc, all_versions=all_versions, patterns=patterns, runtime=runtime, dtype=dtype,
                            sort=sort, limit=limit)
