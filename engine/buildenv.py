@@ -25,8 +25,6 @@ planning stays instant.
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -36,11 +34,12 @@ import subprocess
 import sys
 import sysconfig
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import EngineError
+from .filelock import exclusive
 
 #: written last into a complete env: its presence means "usable"
 READY = "engine-env.json"
@@ -105,7 +104,7 @@ class BuildEnv:
             return folder / "bin" / "python"
         envs_dir = Path(envs_dir)
         envs_dir.mkdir(parents=True, exist_ok=True)
-        with _locked(envs_dir / f"{folder.name}.lock"):
+        with exclusive(envs_dir / f"{folder.name}.lock"):
             if not (folder / READY).is_file():
                 self._create(folder, progress)
         return folder / "bin" / "python"
@@ -194,16 +193,6 @@ class _Runner:
                 hint=f"the build environment installs from the package index your pip uses (PIP_INDEX_URL, "
                      f"pip.conf); on a machine without it, point PIP_INDEX_URL / PIP_FIND_LINKS at a mirror or "
                      f"a folder of wheels; pip's log: {self.log}")
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    with open(path, "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def envs_dir(store_root: Path) -> Path:

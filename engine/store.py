@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import StoreBusy
+from .filelock import exclusive
 from .hashing import StatCache, content_key, tree_manifest
 
 MANIFEST = "manifest.json"
@@ -169,13 +170,8 @@ class Store:
     @contextlib.contextmanager
     def lock(self, key: str) -> Iterator[None]:
         """Hold the build lock for `key`; a second process waits here, then finds the entry."""
-        path = self._dir("locks") / f"{key}.lock"
-        with open(path, "a+") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        with exclusive(self._dir("locks") / f"{key}.lock"):
+            yield
 
     @contextlib.contextmanager
     def staging(self, key: str) -> Iterator[Staging]:

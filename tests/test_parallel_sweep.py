@@ -150,17 +150,23 @@ def test_jobs_worker_lost_with_no_retries_fails_that_variant_only(tmp_path) -> N
     assert len(listed) == 1
 
 
-def test_ctrl_c_stops_the_running_variants_and_keeps_nothing_half_done(tmp_path) -> None:
-    work = _workdir(tmp_path / "interrupt")
-    proc = subprocess.Popen([sys.executable, "-m", "engine", "apply", "sweep.yaml", "--jobs", "2"], cwd=work,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    staging = work / ".engine" / "staging"
+def _interrupt_while_building(proc: subprocess.Popen, staging: Path) -> set[int]:
+    """Ctrl-C to `proc` once its workers are building (their staging folders exist); the workers' pids."""
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not (staging.is_dir() and any(staging.iterdir())):
         time.sleep(0.1)
     time.sleep(2)
     workers = {int(p.name.rsplit(".", 2)[1]) for p in staging.iterdir()}
     proc.send_signal(signal.SIGINT)
+    return workers
+
+
+def test_ctrl_c_stops_the_running_variants_and_keeps_nothing_half_done(tmp_path) -> None:
+    work = _workdir(tmp_path / "interrupt")
+    proc = subprocess.Popen([sys.executable, "-m", "engine", "apply", "sweep.yaml", "--jobs", "2"], cwd=work,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    staging = work / ".engine" / "staging"
+    workers = _interrupt_while_building(proc, staging)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "interrupted" in err
@@ -301,12 +307,7 @@ def test_ray_ctrl_c_cancels_the_running_tasks(ray_address, tmp_path) -> None:
                              "--address", ray_address], cwd=work, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     staging = work / ".engine" / "staging"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not (staging.is_dir() and any(staging.iterdir())):
-        time.sleep(0.1)
-    time.sleep(2)
-    workers = {int(p.name.rsplit(".", 2)[1]) for p in staging.iterdir()}
-    proc.send_signal(signal.SIGINT)
+    workers = _interrupt_while_building(proc, staging)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     deadline = time.monotonic() + 10

@@ -25,12 +25,11 @@ from typing import Any
 
 from ..calibration import calibration_key, load_texts
 from ..embedding import TorchEmbedder
-from ..errors import EngineError
 from ..recipe.schemas import load_schema
 from ..runtime import Model, Progress, Runtime, Section
 from ..subproc import run_job
 from ..tasks import DEFAULT_TASK, task_of
-from .transformers_model import Seq2SeqModel, TransformersModel
+from .transformers_model import Seq2SeqModel, TransformersModel, set_torch_threads
 
 #: ITREX weight_dtype -> INC (dtype, bits, use_full_range)
 DTYPES: dict[str, tuple[str, int, bool]] = {
@@ -214,13 +213,7 @@ class ItrexRuntime(Runtime):
 
     def open(self, artifact_dir: Path, info: Any, **options: Any) -> Model:
         """Options: num_threads (torch intra-op threads)."""
-        if "num_threads" in options:
-            import torch
-
-            threads = options["num_threads"]
-            if not isinstance(threads, int) or threads < 1:
-                raise EngineError(f"num_threads must be a positive integer, got {threads!r}")
-            torch.set_num_threads(threads)
+        set_torch_threads(options)
         from transformers import AutoTokenizer
 
         from .itrex_build import load_quantized

@@ -25,7 +25,7 @@ from ..errors import EngineError
 from ..recipe.schemas import load_schema
 from ..runtime import Model, Progress, Runtime, Section
 from ..subproc import run_job
-from .transformers_model import TransformersModel
+from .transformers_model import TransformersModel, set_torch_threads
 
 BITS = {"int4": 4, "int8": 8}
 MODIFIERS = {"gptq": "GPTQModifier", "awq": "AWQModifier", "rtn": "QuantizationModifier"}
@@ -130,11 +130,7 @@ class TransformersRuntime(Runtime):
         """Options: num_threads (torch intra-op threads)."""
         import torch
 
-        if "num_threads" in options:
-            threads = options["num_threads"]
-            if not isinstance(threads, int) or threads < 1:
-                raise EngineError(f"num_threads must be a positive integer, got {threads!r}")
-            torch.set_num_threads(threads)
+        set_torch_threads(options)
         try:
             import compressed_tensors  # noqa: F401 - transformers needs it to read quantization_config
         except ImportError:

@@ -33,6 +33,20 @@ class _IdQueue:
         self.queue.put(None)
 
 
+def set_torch_threads(options: dict[str, Any]) -> None:
+    """The `num_threads` load option of the PyTorch-based runtimes: torch's intra-op threads."""
+    if "num_threads" not in options:
+        return
+    import torch
+
+    from ..errors import EngineError
+
+    threads = options["num_threads"]
+    if not isinstance(threads, int) or threads < 1:
+        raise EngineError(f"num_threads must be a positive integer, got {threads!r}")
+    torch.set_num_threads(threads)
+
+
 def _cancel_criteria(cancel: threading.Event) -> Any:
     """Stopping criteria that end generate once `cancel` is set (the consumer stopped reading)."""
     import torch
