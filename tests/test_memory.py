@@ -31,8 +31,14 @@ LLAMA3_8B = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14
 HIGH, LOW = 0.15, 0.05
 
 
-def within(estimate: int, measured: float) -> bool:
-    return measured * (1 - LOW) <= estimate <= measured * (1 + HIGH)
+def within(estimate: int, measured: float, low: float = LOW, high: float = HIGH) -> bool:
+    return measured * (1 - low) <= estimate <= measured * (1 + high)
+
+
+#: at ~0.1 B parameters the interpreter and its libraries (~0.5 GB) are half a reference pass's peak, and
+#: that base differs between environments: the same whole pass peaked at 0.91 GB in a long-used venv and
+#: at 1.0 GB in a fresh clone's (engine modules compiled from source, no bytecode cache)
+SMALL_MODEL_LOW = 0.2
 
 
 def test_headers_and_config_agree_on_the_shipped_model():
@@ -114,8 +120,8 @@ def test_reference_passes_stay_within_their_estimates_and_streaming_bounds_memor
     streamed, streamed_ppl = reference_peak(big_model, tmp_path / "streamed", streamed=True)
     whole_estimate = memory.reference_whole(facts, 128).peak_rss
     streamed_estimate = memory.reference_streamed(facts, 128, 4).peak_rss
-    assert within(whole_estimate, whole), (memory.gb(whole_estimate), memory.gb(whole))
-    assert within(streamed_estimate, streamed), (memory.gb(streamed_estimate), memory.gb(streamed))
+    assert within(whole_estimate, whole, low=SMALL_MODEL_LOW), (memory.gb(whole_estimate), memory.gb(whole))
+    assert within(streamed_estimate, streamed, low=SMALL_MODEL_LOW), (memory.gb(streamed_estimate), memory.gb(streamed))
     assert streamed < whole - 2 * facts.params, (memory.gb(streamed), memory.gb(whole))  # half the fp32 model
     assert streamed_ppl == pytest.approx(whole_ppl, rel=1e-4)
 
