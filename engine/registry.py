@@ -97,11 +97,18 @@ class Registry:
                 raise registry_error(path, PermissionError(errno.EACCES, f"{where} is not writable", str(where)))
         if not path.exists():
             return  # a new registry is made by the first registration; a crash before it leaves no file
-        registry = cls(path)
-        try:
-            registry.check_writable()
-        finally:
-            registry.close()
+        for attempt in range(5):  # another apply may be making the registry this moment (its migrations)
+            try:
+                registry = cls(path)
+                try:
+                    registry.check_writable()
+                finally:
+                    registry.close()
+                return
+            except EngineError as error:
+                if attempt == 4 or not any(word in str(error).lower() for word in ("locked", "busy")):
+                    raise
+                time.sleep(0.2 * (attempt + 1))
 
     def check_writable(self) -> None:
         """A real write (the header's user_version set to itself) in a transaction rolled back."""
