@@ -83,20 +83,25 @@ def reference_estimate(facts: ModelFacts, window: int, windows: int) -> Estimate
     return memory.reference_whole(facts, window)
 
 
+def memory_bound(limit: int | None = None) -> int | None:
+    """The memory a step may use here: the smaller of `limit` (--max-memory) and MemAvailable."""
+    available = memory.available_memory()
+    return min(x for x in (limit, available) if x is not None) if (limit or available) else None
+
+
 def check_fits(plan: Any, limit: int | None = None, *, force: bool = False) -> None:
     """Refuse (MemoryRefused) when a step that will run needs more than `limit` bytes, or than
     MemAvailable when no limit is given. `force` skips the check."""
     if force:
         return
-    available = memory.available_memory()
-    bound = min(x for x in (limit, available) if x is not None) if (limit or available) else None
+    bound = memory_bound(limit)
     if bound is None:
         return
     choose_reference_pass(plan, bound)
     over = [s for s in plan.steps if not s.hit and s.memory_estimate and s.memory_estimate > bound]
     if not over:
         return
-    what = "--max-memory" if limit is not None and (available is None or limit <= available) else "free memory"
+    what = "--max-memory" if limit is not None and bound == limit else "free memory"
     lines = "; ".join(f"{s.kind} needs ~{gb(s.memory_estimate)} ({s.memory_note})" for s in over)
     raise MemoryRefused(f"{plan.recipe.name}: {lines}, more than the {gb(bound)} of {what}; nothing was started",
                         hint=_options(plan, over, bound))

@@ -16,8 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from . import memory
-from .admission import check_fits, choose_reference_pass
+from .admission import check_fits, choose_reference_pass, memory_bound
 from .errors import EngineError
 from .paths import Locations
 from .pipeline import ApplyResult, Outcome, SweepResult, _applying, _materialize, _register, apply_recipe, run_steps
@@ -72,10 +71,9 @@ def work(recipe: Recipe, locations: Locations, force: bool, max_memory: int | No
     store = Store(locations.store)
     with using_locations(locations):  # a `source: {variant: ...}` resolves in the driver's registry
         plan = make_plan(recipe, store)
-    available = memory.available_memory()  # this node's: whole or layer-by-layer reference pass
-    bounds = [x for x in (max_memory, available) if x is not None]
-    if bounds:
-        choose_reference_pass(plan, min(bounds))
+    bound = memory_bound(max_memory)  # this node's: whole or layer-by-layer reference pass
+    if bound is not None:
+        choose_reference_pass(plan, bound)
     if force or store.get(plan.build.key) is None:
         plan.runtime.check_available(recipe.data)
     ran: list[StepRecord] = []

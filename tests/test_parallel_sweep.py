@@ -150,6 +150,17 @@ def test_jobs_worker_lost_with_no_retries_fails_that_variant_only(tmp_path) -> N
     assert len(listed) == 1
 
 
+def _alive_after(pids: set[int], seconds: float) -> set[int]:
+    """The processes of `pids` still running (not zombies) after waiting up to `seconds` for them to go."""
+    deadline = time.monotonic() + seconds
+    alive = pids
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.2)
+        alive = {pid for pid in pids if Path(f"/proc/{pid}").exists()
+                 and "zombie" not in Path(f"/proc/{pid}/status").read_text()}
+    return alive
+
+
 def _interrupt_while_building(proc: subprocess.Popen, staging: Path) -> set[int]:
     """Ctrl-C to `proc` once its workers are building (their staging folders exist); the workers' pids."""
     deadline = time.monotonic() + 120
@@ -289,12 +300,7 @@ def test_a_killed_driver_takes_its_workers_with_it(tmp_path) -> None:
     workers = {int(p.name.rsplit(".", 2)[1]) for p in staging.iterdir()}
     proc.kill()
     proc.wait()
-    deadline = time.monotonic() + 10
-    alive = workers
-    while alive and time.monotonic() < deadline:
-        time.sleep(0.2)
-        alive = {pid for pid in workers if Path(f"/proc/{pid}").exists()
-                 and "zombie" not in Path(f"/proc/{pid}/status").read_text()}
+    alive = _alive_after(workers, seconds=10)
     assert not alive, f"workers outlived their driver: {alive}"
     assert json.loads(engine("ls", "--json", cwd=work).stdout) == []
 
@@ -310,11 +316,6 @@ def test_ray_ctrl_c_cancels_the_running_tasks(ray_address, tmp_path) -> None:
     workers = _interrupt_while_building(proc, staging)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
-    deadline = time.monotonic() + 10
-    alive = workers
-    while alive and time.monotonic() < deadline:
-        time.sleep(0.2)
-        alive = {pid for pid in workers if Path(f"/proc/{pid}").exists()
-                 and "zombie" not in Path(f"/proc/{pid}/status").read_text()}
+    alive = _alive_after(workers, seconds=10)
     assert not alive, f"Ray workers still building after Ctrl-C: {alive}"
     assert json.loads(engine("ls", "--json", cwd=work).stdout) == []
