@@ -27,6 +27,7 @@ DTYPES = ("int4", "int8", "nf4", "fp16")
 
 def make_registry(path: Path, n: int) -> None:
     from engine.registry import Registry
+    from engine.score_summary import write_summary
 
     reg = Registry(path)  # creates the tables through the migrations
     recipe_text = (ROOT / "recipes" / "demo-wt2-int4.yaml").read_text()
@@ -57,6 +58,8 @@ def make_registry(path: Path, n: int) -> None:
         reg.conn.executemany(
             "insert into scores (eval_key, artifact_key, metric, value, unit, method_json, method_id, versions_json,"
             " engine_version, created) values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", scores)
+        for eval_key in {row[0] for row in scores}:  # as Registry._record_scores does
+            write_summary(reg.conn, eval_key)
     reg.close()
 
 

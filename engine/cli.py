@@ -320,29 +320,28 @@ def ls_cmd(loc: Locations, patterns: tuple[str, ...], as_json: bool, all_version
     import gc
 
     from .catalog import list_variants, score_methods
-    from .render import ls_cells, ls_row, ls_text
+    from .render import ls_cells, ls_json, ls_text
 
-    gc.disable()  # ~100,000 short-lived dicts and tuples, no cycles: the collector would only rescan them
+    gc.disable()  # tens of thousands of short-lived strings and tuples, no cycles: nothing to collect
 
     listed = list_variants(loc, all_versions=all_versions, patterns=patterns, runtime=runtime, dtype=dtype,
                            sort=sort, limit=limit)
-    if as_json:  # one row per line: json's C encoder (indent= would use the slow pure-Python one)
-        click.echo("[\n" + ",\n".join(json.dumps(ls_row(v)) for v in listed) + ("\n]" if listed else "]"))
+    if as_json:
+        click.echo(ls_json(listed))
         return
     if not listed:
         what = "matching variants" if patterns or runtime or dtype else "variants"
         click.echo(f"no {what} in {loc.registry}" + ("" if what != "variants" else "; run `engine apply RECIPE.yaml`"),
                    err=True)
         return
-    scored = [v.scores for v in listed]
-    headers, cells, notes = ls_cells(listed, scored)
+    headers, cells, notes = ls_cells(listed)
     if notes:  # values of different methods: the footnotes say which method each letter is
-        ids = {s[m]["method_id"] for s in scored for m in s}
-        headers, cells, notes = ls_cells(listed, scored, score_methods(ids, loc))
+        ids = {mid for v in listed if v.methods for mid in v.methods.split("\t")} - {"", "-"}
+        headers, cells, notes = ls_cells(listed, methods=score_methods(ids, loc))
     if sys.stdout.isatty() and len(listed) <= _RICH_ROWS:
         from .render import ls_table
 
-        table, _ = ls_table(listed, scored)
+        table, _ = ls_table(listed)
         console = _console()
         console.print(table)
         for note in notes:

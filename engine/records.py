@@ -37,9 +37,9 @@ class ScoreRecord(TypedDict):
 
 
 class ListedVariant(NamedTuple):
-    """One row of `engine ls`: the variant's summary columns and its scores, read in two queries for
-    the whole registry (no recipe decoded; a tuple: 10,000 are made per listing). `scores[metric]` =
-    {value, unit, method_id}."""
+    """One row of `engine ls`: the variant's summary columns and its evaluation's prepared summary
+    (engine/score_summary.py), read in one query for the whole registry (no recipe or score decoded;
+    a tuple: 10,000 are made per listing). `scores[metric]` = {value, unit, method_id}."""
 
     name: str
     version: int
@@ -55,7 +55,14 @@ class ListedVariant(NamedTuple):
     source_kind: str
     artifact_key: str
     source: Any
-    scores: dict
+    scores_json: str = "{}"
+    cells: str | None = None  # tab-separated HEADLINE cells, '' where not measured; None: never evaluated
+    methods: str | None = None  # the method id behind each cell, the same way
+
+    @property
+    def scores(self) -> dict:
+        """{metric: {value, unit, method_id}}, decoded on each call (sorting by a score, footnotes)."""
+        return json.loads(self.scores_json)
 
 
 @dataclass(frozen=True)

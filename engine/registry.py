@@ -56,11 +56,25 @@ class Registry:
         self.readonly = readonly
         with self.errors():
             self.conn = self._connect_readonly() if readonly else self._connect()
-            if not readonly and self._pending_migrations():
+            if self._pending_migrations():
+                if readonly:  # made by an older engine: upgrade it in place where it may be written
+                    self._upgrade_for_reading()
                 from .registry_schema import migrations
 
                 with _exclusive(self.conn):
                     migrations().apply(self.db)
+
+    def _upgrade_for_reading(self) -> None:
+        """A reader of a registry an older engine made: its queries need the current tables, so the
+        connection becomes a writable one that applies the migrations; where the file cannot be
+        written, one message says how to upgrade it."""
+        if not (os.access(self.path, os.W_OK) and os.access(self.path.parent, os.W_OK)):
+            raise EngineError(f"{self.path} was made by an older engine and must be upgraded before this one "
+                              "can read it, but it is read-only here",
+                              hint="run `engine ls` once with write access to the file and its folder (any "
+                                   "engine command then upgrades it in place), or use the older engine")
+        self.conn.close()
+        self.conn = self._connect()
 
     def _connect(self) -> sqlite3.Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -178,26 +192,42 @@ class Registry:
     def listing(self, *, all_versions: bool = False, runtime: str | None = None,
                 dtype: str | None = None) -> list[ListedVariant]:
         """What `engine ls` shows, for every variant (latest versions unless all_versions), ordered by
-        name and version: two queries over covering indexes (m003), no recipe read or decoded."""
-        rows = self.conn.execute(f"select {', '.join(LISTING_COLUMNS)} from variants indexed by variants_listing"
-                                 " order by name, version").fetchall()
+        name and version: one query over a covering index (m003) and the evaluations' summaries (m004);
+        no recipe or score row read or decoded."""
+        from .score_summary import CELLS_FORMAT
+
+        rows = self.conn.execute(
+            f"select {', '.join('v.' + c for c in LISTING_COLUMNS)}, s.scores_json, s.cells, s.methods, s.cells_format"
+            " from variants v indexed by variants_listing left join score_summaries s on s.eval_key = v.eval_key"
+            " order by v.name, v.version").fetchall()
         if not all_versions:  # ordered by name, version: the last row of each name is its latest
             rows = [row for row, after in zip(rows, [*rows[1:], None]) if after is None or after[0] != row[0]]
         if runtime or dtype:  # after choosing the latest: a filter never resurrects an older version
             rows = [row for row in rows if (not runtime or row[2] == runtime) and (not dtype or row[4] == dtype)]
-        scores: dict[str, dict] = {}
-        last, of_key = None, {}  # the index yields one eval_key's metrics together: no lookup per score
-        for eval_key, metric, value, unit, method_id in (self.conn.execute(
-                "select eval_key, metric, value, unit, method_id from scores indexed by scores_listing") if rows else ()):
-            if eval_key != last:
-                last = eval_key
-                of_key = scores[eval_key] = {}
-            of_key[metric] = {"value": value, "unit": unit, "method_id": method_id}
+        stale = {row[14] for row in rows if row[14] is not None and row[18] != CELLS_FORMAT}
+        remade = self._summaries(stale) if stale else {}
         identities: dict[str | None, Any] = {}  # variants of one source share its identity: decode it once
         for row in rows:
             if row[13] not in identities:
                 identities[row[13]] = _identity(row[13])
-        return [ListedVariant._make((*row[:13], identities[row[13]], scores.get(row[14], {}))) for row in rows]
+        if remade:
+            rows = [(*row[:15], *remade[row[14]][:3]) if row[14] in remade else row for row in rows]
+        return [ListedVariant(*row[:13], identities[row[13]], row[15] or "{}", row[16], row[17]) for row in rows]
+
+    def _summaries(self, eval_keys: set[str]) -> dict[str, tuple[str, str, str, str]]:
+        """Summaries made in memory from the scores, where the stored one is missing (an older engine
+        recorded them) or of another format (this engine formats a column differently)."""
+        from .score_summary import summarize
+
+        found: dict[str, list] = {key: [] for key in eval_keys}
+        keys = sorted(eval_keys)
+        for i in range(0, len(keys), 500):
+            chunk = keys[i:i + 500]
+            for eval_key, *score in self.conn.execute(
+                    "select eval_key, metric, value, unit, method_id from scores where eval_key in"
+                    f" ({', '.join('?' * len(chunk))}) order by eval_key, metric", chunk):
+                found[eval_key].append(score)
+        return {key: summarize(scores) for key, scores in found.items()}
 
     def methods(self, method_ids: set[str]) -> dict[str, dict]:
         """method_id -> the method it stands for (what `engine ls` footnotes print)."""
@@ -321,6 +351,9 @@ class Registry:
                 [evaluation["key"], artifact_key, score["metric"], score["value"], score["unit"],
                  json.dumps(score["method"], sort_keys=True), score["method_id"],
                  json.dumps(evaluation["versions"], sort_keys=True), engine_version, _now()])
+        from .score_summary import write_summary
+
+        write_summary(self.conn, evaluation["key"])  # what `engine ls` reads, in the same transaction
 
     def _upsert_artifact(self, artifact: dict, files: list[dict]) -> None:
         """Artifact rows mirror the store manifest (a --force rebuild may change the bytes)."""

@@ -75,8 +75,20 @@ def m003_listing(db: sqlite_utils.Database) -> None:
     db.execute("create index scores_listing on scores (eval_key, metric, value, unit, method_id)")
 
 
+def m004_score_summaries(db: sqlite_utils.Database) -> None:
+    """`engine ls` reads one prepared row per evaluation instead of its scores (engine/score_summary.py);
+    the evaluations recorded before this are summarised here."""
+    from .score_summary import write_summary
+
+    db["score_summaries"].create({"eval_key": str, "scores_json": str, "cells": str, "methods": str,
+                                  "cells_format": str}, pk="eval_key")
+    for (eval_key,) in db.execute("select distinct eval_key from scores").fetchall():
+        write_summary(db.conn, eval_key)
+
+
 #: every migration, in the order they apply
-MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (m001_initial, m002_scores, m003_listing)
+MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (m001_initial, m002_scores, m003_listing,
+                                                                    m004_score_summaries)
 MIGRATION_NAMES: tuple[str, ...] = tuple(m.__name__ for m in MIGRATIONS)
 
 

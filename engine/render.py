@@ -38,12 +38,8 @@ HEADLINE = (("perplexity", "ppl", "{:.2f}"), ("kl_divergence", "KL", "{:.2e}"),
 
 def ls_row(row: Any, scores: dict | None = None) -> dict:
     """One `engine ls --json` row from a ListedVariant (its own scores) or a VariantRecord + scores."""
-    if scores is None and isinstance(row, ListedVariant):  # already in shape: 10,000 of these per `ls --json`
-        out = dict(zip(LS_KEYS, row))
-        source = row.source
-        out["source"] = source.get("identity") if isinstance(source, dict) and "identity" in source else source
-        out["scores"] = row.scores
-        return out
+    if scores is None and isinstance(row, ListedVariant):
+        return json.loads(ls_json([row])[2:-2])
     out = {key: getattr(row, key) for key in LS_KEYS}
     source = getattr(row, "source", None)
     out["source"] = source.get("identity") if isinstance(source, dict) and "identity" in source else source
@@ -51,6 +47,21 @@ def ls_row(row: Any, scores: dict | None = None) -> dict:
     out["scores"] = {m: {"value": s["value"], "unit": s["unit"], "method_id": s["method_id"]}
                      for m, s in (scores or {}).items()}
     return out
+
+
+def ls_json(rows: list[ListedVariant]) -> str:
+    """`engine ls --json`: one row per line, each spliced from json's C encoder and the evaluation's
+    prepared scores fragment (nothing decoded; 10,000 rows in a few tens of ms)."""
+    sources: dict[int, str] = {}  # variants of one source share its (decoded) identity object
+    lines = []
+    for row in rows:
+        source = row.source
+        if id(source) not in sources:
+            shown = source.get("identity") if isinstance(source, dict) and "identity" in source else source
+            sources[id(source)] = json.dumps(shown)
+        lines.append(f'{json.dumps(dict(zip(LS_KEYS, row)))[:-1]}, "source": {sources[id(source)]}, '
+                     f'"scores": {row.scores_json}}}')
+    return "[\n" + ",\n".join(lines) + ("\n]" if lines else "]")
 
 
 def show_doc(row: VariantRecord, files: list[dict], steps: list[StepRecord], scores: dict | None = None,
@@ -85,27 +96,22 @@ LS_COLUMNS = ("name", "ver", "runtime", "device", "dtype", "group", "scheme", "a
 _RIGHT = {"ver", "group", "size"}
 
 
-def ls_cells(rows: list[Any], scored: list[dict], methods: dict[str, dict] | None = None
+def ls_cells(rows: list[Any], scored: list[dict] | None = None, methods: dict[str, dict] | None = None
              ) -> tuple[list[str], list[tuple[str, ...]], list[str]]:
     """(headers, cells, footnotes) of `engine ls`: the variants with their headline scores.
 
-    `methods` maps method_id -> method for the footnotes, where the scores do not carry theirs.
-    Built a column at a time (comprehensions, then one zip): 10,000 rows take a few tens of ms.
+    Without `scored` the rows are ListedVariants and their prepared cells are used (engine/
+    score_summary.py), unless a metric's values come from different methods: those are tagged from
+    the decoded scores. `methods` maps method_id -> method for the footnotes, where the scores do not
+    carry theirs. Built a column at a time (comprehensions, then one zip).
     """
-    present = set().union(*scored)  # the metrics any row has (one C-level pass over the dicts' keys)
-    by_metric = {metric: [s.get(metric) for s in scored] for metric, _, _ in HEADLINE if metric in present}
-    shown = [(m, title, fmt) for m, title, fmt in HEADLINE if m in by_metric]
-    mixed = [m for m, _, _ in shown if len({x["method_id"] for x in by_metric[m] if x is not None}) > 1]
-    tags = method_letters(scored, mixed) if mixed else {}  # values of different methods: (a), (b)
+    prepared = _prepared_columns(rows) if scored is None else None
+    if prepared is not None:
+        shown, values, tags = prepared
+    else:
+        scored = [r.scores for r in rows] if scored is None else scored
+        shown, values, tags = _scored_columns(scored)
     headers = [*LS_COLUMNS, *(title for _, title, _ in shown), "created"]
-    values = []
-    for metric, _, fmt in shown:
-        fmt, tagged = fmt.format, tags.get(metric)
-        if tagged:
-            values.append(["-" if x is None else f"{fmt(x['value'])} ({tag})" if (tag := tagged.get(x["method_id"]))
-                           else fmt(x["value"]) for x in by_metric[metric]])
-        else:
-            values.append(["-" if x is None else fmt(x["value"]) for x in by_metric[metric]])
     low = {"fp16", "bf16", "fp32"}
     cells = list(zip(
         [r.name for r in rows], [str(r.version) for r in rows], [r.runtime for r in rows], [r.device for r in rows],
@@ -122,6 +128,38 @@ def ls_cells(rows: list[Any], scored: list[dict], methods: dict[str, dict] | Non
     return headers, cells, notes
 
 
+def _prepared_columns(rows: list[ListedVariant]) -> tuple[list, list[list[str]], dict] | None:
+    """(shown HEADLINE entries, their columns, no tags) from the prepared cells; None when a metric
+    was measured by more than one method (then the scores themselves decide the tags)."""
+    ids_per_slot = [set(ids) for ids in zip(*(m.split("\t") for m in {r.methods for r in rows} - {None}))]
+    if not ids_per_slot:  # nothing evaluated
+        return [], [], {}
+    slots = [i for i, ids in enumerate(ids_per_slot) if ids - {""}]
+    if any(len(ids_per_slot[i] - {""}) > 1 for i in slots):
+        return None
+    unscored = [""] * len(HEADLINE)
+    split = [r.cells.split("\t") if r.cells is not None else unscored for r in rows]
+    return [HEADLINE[i] for i in slots], [[s[i] or "-" for s in split] for i in slots], {}
+
+
+def _scored_columns(scored: list[dict]) -> tuple[list, list[list[str]], dict]:
+    """(shown HEADLINE entries, their columns, {metric: {method_id: letter}}) from {metric: score} dicts."""
+    present = set().union(*scored)  # the metrics any row has (one C-level pass over the dicts' keys)
+    by_metric = {metric: [s.get(metric) for s in scored] for metric, _, _ in HEADLINE if metric in present}
+    shown = [(m, title, fmt) for m, title, fmt in HEADLINE if m in by_metric]
+    mixed = [m for m, _, _ in shown if len({x["method_id"] for x in by_metric[m] if x is not None}) > 1]
+    tags = method_letters(scored, mixed) if mixed else {}  # values of different methods: (a), (b)
+    values = []
+    for metric, _, fmt in shown:
+        fmt, tagged = fmt.format, tags.get(metric)
+        if tagged:
+            values.append(["-" if x is None else f"{fmt(x['value'])} ({tag})" if (tag := tagged.get(x["method_id"]))
+                           else fmt(x["value"]) for x in by_metric[metric]])
+        else:
+            values.append(["-" if x is None else fmt(x["value"]) for x in by_metric[metric]])
+    return shown, values, tags
+
+
 def ls_text(headers: list[str], cells: list[list[str]]) -> str:
     """Plain aligned columns (pipes, long listings): one string, no terminal library involved."""
     widths = [max(len(h), max(map(len, column), default=0)) for h, column in zip(headers, zip(*cells))] \
@@ -131,7 +169,7 @@ def ls_text(headers: list[str], cells: list[list[str]]) -> str:
     return "\n".join(row_format.format(*row).rstrip() for row in [headers, *cells])
 
 
-def ls_table(rows: list[Any], scored: list[dict], methods: dict[str, dict] | None = None):
+def ls_table(rows: list[Any], scored: list[dict] | None = None, methods: dict[str, dict] | None = None):
     """The variants as a rich table (for a terminal); returns (table, footnotes)."""
     from rich.table import Table
 

@@ -85,6 +85,39 @@ def test_reads_work_on_a_read_only_registry_folder(work):
     assert len(_artifacts(folder)) == 1  # refused before the build
 
 
+def _made_by_an_older_engine(registry: Path) -> None:
+    """The registry as an engine before m004 left it (no score summaries, m004 not recorded)."""
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(registry)) as conn, conn:
+        conn.execute("drop table score_summaries")
+        conn.execute("delete from _sqlite_migrations where name = 'm004_score_summaries'")
+
+
+def test_an_older_engines_registry_upgrades_when_listed(work):
+    folder, env = work
+    registry = folder / "reg" / "registry.db"
+    _made_by_an_older_engine(registry)
+    proc = run(folder, env, "ls")
+    _clean(proc, 0)
+    assert proc.stdout.splitlines()[1].startswith("one ")
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(registry)) as conn:
+        assert conn.execute("select count(*) from _sqlite_migrations where name = 'm004_score_summaries'"
+                            ).fetchone() == (1,)
+
+
+def test_an_older_engines_read_only_registry_gets_one_message(work):
+    folder, env = work
+    registry = folder / "reg" / "registry.db"
+    _made_by_an_older_engine(registry)
+    with _mode(folder / "reg", 0o555), _mode(registry, 0o444):
+        proc = run(folder, env, "ls", prefix=unprivileged())
+    _clean(proc, 1)
+    assert f"{registry} was made by an older engine" in proc.stderr and "write access" in proc.stderr
+
+
 def test_a_read_only_registry_file_is_refused_before_the_build(work):
     folder, env = work
     registry = folder / "reg" / "registry.db"

@@ -19,7 +19,7 @@ class FakeRecipe:  # only the attributes register() reads; a real Recipe is used
     text: str = "name: x\n"
 
 
-def _register(reg, name="m", key="a" * 64, description="", group_size=32):
+def _register(reg, name="m", key="a" * 64, description="", group_size=32, evaluation=None):
     data = {"name": name, "description": description,
             "quantization": {"weight_dtype": "int4", "group_size": group_size, "scheme": "sym", "algorithm": "rtn"},
             "target": {"runtime": "onnxruntime-genai", "device": "cpu"}}
@@ -29,7 +29,7 @@ def _register(reg, name="m", key="a" * 64, description="", group_size=32):
         artifact={"key": key, "kind": "build", "runtime": "onnxruntime-genai", "created": "now", "size_bytes": 3},
         files=[{"path": "model.onnx", "size": 3, "sha256": "h"}],
         steps=[StepRecord("source", "s" * 64, True, 0.0, {}, {}), StepRecord("build", key, False, 1.5, {"p": 1}, {"onnx": "1"})],
-        engine_version="test",
+        engine_version="test", evaluation=evaluation,
     )
 
 
@@ -79,7 +79,7 @@ def test_migrations_recorded_and_idempotent(tmp_path):
     assert migrations().pending(reg.db) == []
     names = [r[0] for r in sqlite3.connect(tmp_path / "registry.db").execute(
         "select name from _sqlite_migrations where migration_set = 'engine.registry'")]
-    assert names == ["m001_initial", "m002_scores", "m003_listing"]
+    assert names == ["m001_initial", "m002_scores", "m003_listing", "m004_score_summaries"]
     assert tuple(m.name for m in migrations().pending(sqlite_utils.Database(memory=True))) == MIGRATION_NAMES
 
 
@@ -160,3 +160,79 @@ def test_same_artifact_new_version_only_when_behaviour_changes(tmp_path):
     load_time = {**base, "target": {**base["target"], "options": {"ov_config": {"KV_CACHE_PRECISION": "u8"}}}}
     row, created = register(load_time)
     assert created and row.version == 2 and row.artifact_key == "a" * 64
+
+
+def _evaluation(key: str, ppl: float, method: str = "m1", speed: bool = True) -> dict:
+    scores = [{"metric": "perplexity", "value": ppl, "unit": "ppl", "method": {"window": 8}, "method_id": method},
+              {"metric": "kl_divergence", "value": ppl / 1e4, "unit": "nats", "method": {}, "method_id": "k1"}]
+    if speed:
+        scores.append({"metric": "decode_tokens_per_s", "value": 1234.5, "unit": "tok/s", "method": {},
+                       "method_id": "s1"})
+    return {"key": key, "scores": scores, "versions": {}}
+
+
+def _both_ways(listed):
+    """`engine ls`'s cells from the prepared summaries and from the decoded scores."""
+    from engine.render import ls_cells
+
+    return ls_cells(listed), ls_cells(listed, [v.scores for v in listed])
+
+
+def test_listing_reads_prepared_summaries_that_match_the_scores(tmp_path):
+    reg = Registry(tmp_path / "registry.db")
+    _register(reg, evaluation=_evaluation("e1", 12.345))
+    _register(reg, name="n", key="b" * 64, evaluation=_evaluation("e2", 23.0, speed=False))
+    _register(reg, name="p", key="c" * 64)  # never evaluated
+    stored = reg.conn.execute("select eval_key, cells_format from score_summaries order by eval_key").fetchall()
+    from engine.score_summary import CELLS_FORMAT
+
+    assert stored == [("e1", CELLS_FORMAT), ("e2", CELLS_FORMAT)]
+    listed = reg.listing()
+    assert listed[0].scores["perplexity"] == {"value": 12.345, "unit": "ppl", "method_id": "m1"}
+    assert listed[2].scores == {} and listed[2].cells is None
+    prepared, decoded = _both_ways(listed)
+    assert prepared == decoded and prepared[2] == []
+    headers, cells, _ = prepared
+    assert headers[-4:] == ["ppl", "KL", "tok/s", "created"]
+    assert [row[-4:-1] for row in cells] == [("12.35", "1.23e-03", "1234"), ("23.00", "2.30e-03", "-"),
+                                              ("-", "-", "-")]
+
+
+def test_a_missing_or_stale_summary_is_remade_from_the_scores(tmp_path):
+    """An older engine recorded scores without a summary; a newer one formats a column differently:
+    either way the listing shows what the scores say, never the stored text."""
+    reg = Registry(tmp_path / "registry.db")
+    _register(reg, evaluation=_evaluation("e1", 12.345))
+    _register(reg, name="n", key="b" * 64, evaluation=_evaluation("e2", 23.0))
+    expected = _both_ways(reg.listing())[1]
+    with reg.conn:
+        reg.conn.execute("delete from score_summaries where eval_key = 'e1'")
+        reg.conn.execute("update score_summaries set cells = 'stale', cells_format = 'older' where eval_key = 'e2'")
+    listed = reg.listing()
+    assert listed[0].scores["perplexity"]["value"] == 12.345
+    assert _both_ways(listed) == (expected, expected)
+
+
+def test_values_of_different_methods_are_tagged_from_the_scores(tmp_path):
+    reg = Registry(tmp_path / "registry.db")
+    _register(reg, evaluation=_evaluation("e1", 12.0, method="m1"))
+    _register(reg, name="n", key="b" * 64, evaluation=_evaluation("e2", 13.0, method="m2"))
+    prepared, decoded = _both_ways(reg.listing())
+    assert prepared == decoded
+    assert [row[-4] for row in prepared[1]] == ["12.00 (a)", "13.00 (b)"] and prepared[2][0].startswith("perplexity")
+
+
+def test_ls_json_rows_are_the_scores_as_recorded(tmp_path):
+    import json
+
+    from engine.render import LS_KEYS, ls_json, ls_row
+
+    reg = Registry(tmp_path / "registry.db")
+    _register(reg, evaluation=_evaluation("e1", 12.345))
+    _register(reg, name="p", key="c" * 64)
+    listed = reg.listing()
+    rows = json.loads(ls_json(listed))
+    assert rows == [ls_row(v) for v in listed] and list(rows[0]) == [*LS_KEYS, "source", "scores"]
+    assert rows[0]["source"] == {"tree_digest": "t"} and rows[1]["scores"] == {}
+    assert rows[0]["scores"]["decode_tokens_per_s"] == {"value": 1234.5, "unit": "tok/s", "method_id": "s1"}
+    assert ls_json([]) == "[\n]"
