@@ -116,7 +116,7 @@ def ls_cells(rows: list[Any], scored: list[dict] | None = None, methods: dict[st
     cells = list(zip(
         [r.name for r in rows], [str(r.version) for r in rows], [r.runtime for r in rows], [r.device for r in rows],
         [r.weight_dtype or "-" for r in rows],
-        ["-" if r.weight_dtype in low else str(r.group_size) for r in rows],
+        ["-" if r.weight_dtype in low or r.group_size is None else str(r.group_size) for r in rows],
         [r.scheme or "-" for r in rows], [r.algorithm or "-" for r in rows], [human_size(r.size_bytes) for r in rows],
         *values, [r.created[:16].replace("T", " ") if r.created else "" for r in rows]))
     notes = []
