@@ -39,7 +39,7 @@ HEADLINE = (("perplexity", "ppl", "{:.2f}"), ("kl_divergence", "KL", "{:.2e}"),
 def ls_row(row: Any, scores: dict | None = None) -> dict:
     """One `engine ls --json` row from a ListedVariant (its own scores) or a VariantRecord + scores."""
     if scores is None and isinstance(row, ListedVariant):
-        return json.loads(ls_json([row])[2:-2])
+        return json.loads(_ls_json_line(row, {}))
     out = {key: getattr(row, key) for key in LS_KEYS}
     source = getattr(row, "source", None)
     out["source"] = source.get("identity") if isinstance(source, dict) and "identity" in source else source
@@ -50,18 +50,20 @@ def ls_row(row: Any, scores: dict | None = None) -> dict:
 
 
 def ls_json(rows: list[ListedVariant]) -> str:
-    """`engine ls --json`: one row per line, each spliced from json's C encoder and the evaluation's
-    prepared scores fragment (nothing decoded; 10,000 rows in a few tens of ms)."""
+    """`engine ls --json`: one row per line (json's C encoder; indent= would use the slow Python one)."""
     sources: dict[int, str] = {}  # variants of one source share its (decoded) identity object
-    lines = []
-    for row in rows:
-        source = row.source
-        if id(source) not in sources:
-            shown = source.get("identity") if isinstance(source, dict) and "identity" in source else source
-            sources[id(source)] = json.dumps(shown)
-        lines.append(f'{json.dumps(dict(zip(LS_KEYS, row)))[:-1]}, "source": {sources[id(source)]}, '
-                     f'"scores": {row.scores_json}}}')
+    lines = [_ls_json_line(row, sources) for row in rows]
     return "[\n" + ",\n".join(lines) + ("\n]" if lines else "]")
+
+
+def _ls_json_line(row: ListedVariant, sources: dict[int, str]) -> str:
+    """One row's JSON, spliced from the encoded columns and the evaluation's prepared scores fragment
+    (nothing decoded); `sources` keeps each shared source identity encoded once."""
+    source = row.source
+    if id(source) not in sources:
+        shown = source.get("identity") if isinstance(source, dict) and "identity" in source else source
+        sources[id(source)] = json.dumps(shown)
+    return f'{json.dumps(dict(zip(LS_KEYS, row)))[:-1]}, "source": {sources[id(source)]}, "scores": {row.scores_json}}}'
 
 
 def show_doc(row: VariantRecord, files: list[dict], steps: list[StepRecord], scores: dict | None = None,
