@@ -103,6 +103,32 @@ def test_other_runtimes_refuse_a_gguf_source(tmp_path):
     assert "llama.cpp" in err
 
 
+@needs_shared
+@pytest.mark.shared_data
+def test_scoring_shares_the_loaded_weights_and_gives_llama_cpps_own_logits():
+    """The scorer is a second context on the generation model (llama.cpp repacks weights into the
+    process's memory: a second `Llama` held them twice), and its logits are those of a plain
+    `Llama(logits_all=True)` on the same file, to the bit."""
+    import numpy as np
+    from llama_cpp import Llama
+
+    from engine.records import VariantRecord
+    from engine.runtimes.llamacpp import LlamaCppModel
+
+    model = LlamaCppModel(VariantRecord(name="ready", version=1, runtime="llama.cpp"), READY, {})
+    ids = model.encode(" ".join(WIKI.read_text(encoding="utf-8").split()[:400]))
+    short, long = ids[:100], ids[:600]
+    got = model.logits(short)
+    assert model._scorer._ctx.model is model.native._model  # one copy of the weights
+    plain = Llama(model_path=str(READY), verbose=False, n_ctx=512, n_batch=512, n_ubatch=512, logits_all=True)
+    plain.eval(short)
+    assert got.dtype == np.float32 and np.array_equal(got, np.array(plain.scores[:100], dtype=np.float32))
+    assert np.array_equal(model.logits(short), got)  # the cache of the first call is cleared
+    assert model.logits(long).shape == (600, plain.n_vocab()) and model._scorer.n_ctx == 600
+    assert np.array_equal(model.logits(short), got)  # the larger context gives the same numbers
+    assert model.generate("The history of the", max_new_tokens=4).new_tokens > 0  # generation is untouched
+
+
 def test_gguf_source_keys_and_eval_reference(tmp_path):
     """A .gguf path is keyed by its sha256; eval.reference gives the reference pass its own input;
     without one, perplexity only (on the variant's tokens), and fidelity written is refused."""
