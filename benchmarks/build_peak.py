@@ -83,8 +83,13 @@ class Sampler(threading.Thread):
             self.stop.wait(self.interval)
 
 
-def write_recipe(folder: Path, model: Path, runtime: str, dtype: str, group: int, options: dict) -> Path:
-    quant = {"weight_dtype": dtype, "group_size": -1 if runtime == "openvino" and dtype == "int8" else group}
+def write_recipe(folder: Path, model: Path, runtime: str, dtype: str, group: int, options: dict,
+                 algorithm: str | None = None, calibration: dict | None = None) -> Path:
+    quant: dict = {"weight_dtype": dtype, "group_size": -1 if runtime == "openvino" and dtype == "int8" else group}
+    if algorithm:
+        quant["algorithm"] = algorithm
+    if calibration:
+        quant["calibration"] = calibration
     if runtime == "openvino" and dtype == "int8":
         quant["scheme"] = "asym"
     target = {"runtime": runtime, "device": "cpu"}
@@ -103,6 +108,10 @@ def main() -> None:
     parser.add_argument("--weight-dtype", default="int4")
     parser.add_argument("--group-size", type=int, default=32)
     parser.add_argument("--option", action="append", default=[], help="target.options KEY=JSON")
+    parser.add_argument("--algorithm", default=None, help="quantization.algorithm (rtn, awq, gptq)")
+    parser.add_argument("--calibration", type=Path, default=None, help="a text file: calibration data")
+    parser.add_argument("--samples", type=int, default=8, help="calibration samples")
+    parser.add_argument("--seq-len", type=int, default=128, help="calibration tokens a sample")
     parser.add_argument("--work", type=Path, default=None, help="output folder (default: beside the model)")
     parser.add_argument("--cgroup", default=None, help="a memory cgroup v1 name whose max_usage to report")
     parser.add_argument("--keep", action="store_true", help="keep the artifact")
@@ -118,7 +127,10 @@ def main() -> None:
     shutil.rmtree(work, ignore_errors=True)
     (work / "staging" / "out").mkdir(parents=True)
     (work / "logs").mkdir()
-    recipe = load_recipe(write_recipe(work, args.model, args.runtime, args.weight_dtype, args.group_size, options))
+    calibration = ({"dataset": str(args.calibration.resolve()), "samples": args.samples, "seq_len": args.seq_len}
+                   if args.calibration else None)
+    recipe = load_recipe(write_recipe(work, args.model, args.runtime, args.weight_dtype, args.group_size, options,
+                                      args.algorithm, calibration))
     runtime = get_runtime(args.runtime)
     params = runtime.build_params(recipe.data, recipe.base_dir(), source_from_recipe(recipe.data["source"],
                                                                                      recipe.base_dir()))
@@ -134,6 +146,7 @@ def main() -> None:
     top = max(sampler.seen.values(), key=lambda e: e["VmHWM"])
     result = {
         "runtime": args.runtime, "weight_dtype": args.weight_dtype, "options": options,
+        "algorithm": args.algorithm, "calibration": calibration,
         "params": facts.params, "layers": facts.layers, "stored_bytes": facts.stored_bytes,
         "seconds": round(seconds, 1), "child_vmhwm": top["VmHWM"], "child_rss_anon": top["RssAnon"],
         "child_rss_file_at_anon_peak": top["RssFile"], "child_sampled_rss": top["VmRSS"],
