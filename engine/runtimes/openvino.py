@@ -290,9 +290,10 @@ class OpenVINORuntime(Runtime):
         temporaries of compressing the largest tensor (NNCF starts with the largest: the embeddings or
         lm_head, ~11 bytes a weight). Measured at Phi-3.5-mini's widths with 2, 4, 8 and 32 layers
         (0.42 to 3.82 B) and Llama-3-8B's with 2 (1.49 B), int4 and int8: docs/memory.md. Data-aware
-        algorithms (AWQ, GPTQ, scale estimation, calibration) also run the model on the texts: not
-        measured, a whole fp32 copy is assumed."""
-        from ..memory import TORCH_BASE, Estimate
+        algorithms also run the model on the calibration texts: AWQ (and, assumed alike, scale
+        estimation and a calibrated mixed precision) + 1 byte a parameter, GPTQ + 1.6 GB + 2.5 bytes a
+        parameter, each fitted to two builds at Phi-3.5-mini's widths (2 and 4 layers) only."""
+        from ..memory import GB, TORCH_BASE, Estimate
 
         precision = params.get("precision", "int8")  # no params (another recipe's hint): the larger
         if precision in _UNCOMPRESSED:
@@ -302,10 +303,12 @@ class OpenVINORuntime(Runtime):
         largest = max(facts.embed_params or facts.outer_params // 2, facts.layer_params // 2)
         anonymous = TORCH_BASE + max(_compressed_bytes(facts, precision, config), 11 * largest)
         note = "16-bit export; compressed weights or the largest tensor's temporaries (measured)"
-        if params.get("calibration") or config.get("quant_method") == "awq" or config.get("gptq") \
-                or config.get("scale_estimation"):
-            anonymous += 4 * facts.params
-            note = "16-bit export, compressed weights, statistics over an fp32 model (not measured)"
+        if config.get("gptq"):  # measured 4.17 and 4.70 GB at 0.42 and 0.65 B (RTN: ~1.4)
+            anonymous += int(1.6 * GB + 2.5 * facts.params)
+            note = "16-bit export + GPTQ's layer-wise statistics (fitted at 0.42-0.65 B only)"
+        elif params.get("calibration") or config.get("quant_method") == "awq" or config.get("scale_estimation"):
+            anonymous += facts.params  # AWQ measured 1.85 and 1.96 GB at 0.42 and 0.65 B
+            note = "16-bit export + activation statistics (fitted at 0.42-0.65 B only)"
         return Estimate(anonymous, facts.stored_bytes, note)
 
     def build(self, source_dir: Path, out_dir: Path, params: dict, logs_dir: Path,
