@@ -45,7 +45,16 @@ SHARD_BYTES = 2 * 10**9
 EVAL = {"perplexity": {"dataset": str(DATA), "window": 128, "max_windows": 2}, "speed": {"enabled": False}}
 
 
-def write_checkpoint(shape: str, folder: Path, seed: int = 0) -> Path:
+def shape_config(shape: str, layers: int | None = None) -> dict:
+    """The shape's config; `layers` keeps its widths with fewer (or more) decoder layers, for measuring
+    how a build's peak grows with the parameter count at sizes that fit beside other work."""
+    spec = dict(SHAPES[shape])
+    if layers:
+        spec["num_hidden_layers"] = layers
+    return spec
+
+
+def write_checkpoint(shape: str, folder: Path, seed: int = 0, layers: int | None = None) -> Path:
     """The random checkpoint (once: a folder with config.json is reused)."""
     if (folder / "config.json").is_file():
         return folder
@@ -53,7 +62,7 @@ def write_checkpoint(shape: str, folder: Path, seed: int = 0) -> Path:
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    spec = {k: v for k, v in SHAPES[shape].items() if k != "torch_dtype"}
+    spec = {k: v for k, v in shape_config(shape, layers).items() if k != "torch_dtype"}
     config = AutoConfig.for_model(spec.pop("model_type"), **spec, dtype="bfloat16")
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
@@ -147,24 +156,34 @@ def streamed_reference(model: Path, out: Path) -> tuple[float, int, float]:
     return tuple(json.loads(done.stdout.splitlines()[-1]))
 
 
-def estimates(shape: str) -> None:
+#: int4 group 32 build params (the default estimate, without params, is the larger int8 one)
+LOW_BIT_PARAMS = {"openvino": {"precision": "int4", "config": {"group_size": 32}},
+                  "onnxruntime-genai": {"precision": "int4"}}
+
+
+def estimates(shape: str, layers: int | None = None) -> None:
     """Every runtime's estimates for the shape, from its config alone (nothing written)."""
     from engine import memory
     from engine.discovery import get_runtime, runtime_names
 
-    facts = memory.facts_from_config(SHAPES[shape])
+    facts = memory.facts_from_config(shape_config(shape, layers))
     print(f"{shape}: {facts.params / 1e9:.2f} B params, {memory.gb(facts.stored_bytes)} in bf16")
     print(f"  reference whole : {memory.gb(memory.reference_whole(facts, 128).anonymous)}")
     print(f"  reference stream: {memory.gb(memory.reference_streamed(facts, 128, 2).anonymous)}")
     for name in runtime_names():
         built = get_runtime(name).build_memory(facts, {})
         print(f"  build {name:<18}: {memory.gb(built.anonymous)} (+{memory.gb(built.mapped)} mapped)  {built.note}")
+    for name, params in LOW_BIT_PARAMS.items():  # the builds whose formula depends on the precision
+        built = get_runtime(name).build_memory(facts, params)
+        print(f"  build {name + ' int4':<18}: {memory.gb(built.anonymous)} (+{memory.gb(built.mapped)} mapped)")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="phi-3.5-mini")
     parser.add_argument("--dir", type=Path, default=Path("/tmp/wt12-big"))
+    parser.add_argument("--layers", type=int, default=None,
+                        help="the shape's widths with this many decoder layers (folder SHAPE-Kl)")
     parser.add_argument("--runtime", action="append", help="runtimes to apply (default: onnxruntime-genai)")
     parser.add_argument("--estimates-only", action="store_true", help="print estimates from the config only")
     parser.add_argument("--clean", action="store_true", help="delete the checkpoint and store afterwards")
@@ -173,12 +192,12 @@ def main() -> None:
     parser.add_argument("--make-only", action="store_true", help="only write the checkpoint")
     parser.add_argument("--reference-only", action="store_true", help="only the streamed reference pass")
     args = parser.parse_args()
-    estimates(args.shape)
+    estimates(args.shape, args.layers)
     if args.estimates_only:
         return
-    model = args.dir / args.shape
+    model = args.dir / (f"{args.shape}-{args.layers}l" if args.layers else args.shape)
     t = time.perf_counter()
-    write_checkpoint(args.shape, model)
+    write_checkpoint(args.shape, model, layers=args.layers)
     print(f"checkpoint: {model} ({time.perf_counter() - t:.0f} s to make or find)")
     if args.make_only:
         return

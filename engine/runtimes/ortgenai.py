@@ -163,12 +163,20 @@ class OrtGenAIRuntime(Runtime):
             ) from None
 
     def build_memory(self, facts: Any, params: dict) -> Any:
-        """The model builder loads the checkpoint into fp32 PyTorch modules and writes quantized ONNX
-        tensors beside them: measured 24.1 GB peak RSS for Phi-3.5-mini's shapes (3.82 B params)."""
+        """The model builder (0.18) loads the checkpoint through transformers, whose default dtype is
+        "auto": the 16-bit weights stay mapped. The copies it owns are its own: on the CPU an int4/int8
+        model has fp32 inputs and outputs, so every weight is cast to fp32 as the whole ONNX model is
+        turned into one protobuf for MatMulNBitsQuantizer, with the quantized tensors beside it. No
+        builder option lowers this on the CPU. Measured at Phi-3.5-mini's widths with 2 to 8 layers
+        (0.42 to 1.10 B params): 5.2 bytes a parameter at int4, 5.8 at int8 (fp16/fp32 not measured:
+        the int8 figure is assumed), plus ~5 bytes a weight of the largest tensor (the embeddings stay
+        fp32; fitted with Llama-3-8B's widths and 2 layers, 1.49 B: 10.6 GB); docs/memory.md."""
         from ..memory import TORCH_BASE, Estimate
 
-        return Estimate(TORCH_BASE + int(4.25 * facts.params), facts.stored_bytes,
-                        "builder holds the model in fp32 (measured)")
+        per = 5.2 if params.get("precision") == "int4" else 5.8  # no params (another recipe's hint): the larger
+        largest = max(facts.embed_params or facts.outer_params // 2, facts.layer_params // 2)
+        return Estimate(int(TORCH_BASE + per * facts.params + 5 * largest), facts.stored_bytes,
+                        "builder casts the whole model to fp32 (measured)")
 
     def build(self, source_dir: Path, out_dir: Path, params: dict, logs_dir: Path,
               progress: Progress) -> dict:
