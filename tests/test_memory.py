@@ -75,6 +75,10 @@ def test_formulas_against_the_measurements_at_phi35_scale():
     # benchmarks/big_model.py, llama.cpp Q4_K_M variant of the same shapes being scored: RssAnon 2,284,456 kB
     scoring = get_runtime("llama.cpp").eval_memory(facts, {"ftype": "Q4_K_M"}, 128)
     assert within(scoring.anonymous, 2_284_456 * 1024), memory.gb(scoring.anonymous)
+    # Llama-3-8B shapes, Q4_K_M (4.92 GB): engine.load + two windows of 128 scored in a process without torch,
+    # RssAnon 4.09 GB at the end (VmHWM 8.94 GB), plus the 0.40 GB torch adds to the engine's process
+    scoring_8b = get_runtime("llama.cpp").eval_memory(facts_from_config(LLAMA3_8B), {"ftype": "Q4_K_M"}, 128)
+    assert within(scoring_8b.anonymous, (4.09 + 0.40) * GB), memory.gb(scoring_8b.anonymous)
 
 
 #: builds measured with benchmarks/build_peak.py (the runtime's own build_params and build, random bf16
