@@ -265,7 +265,7 @@ def test_plan_carries_memory_estimate_for_concurrent_admission(tmp_path):
 
 def test_a_refusal_names_the_runtime_whose_build_would_fit(tmp_path):
     """Under a bound between llama.cpp's build estimate (lazy converter) and onnxruntime-genai's (fp32
-    builder), the refusal names llama.cpp; with --force-memory nothing is refused."""
+    builder), the refusal names llama.cpp and itrex (layer-wise RTN); with --force-memory nothing is refused."""
     from engine.admission import MemoryRefused, check_fits
     from engine.plan import make_plan
     from engine.recipe import load_recipes
@@ -281,5 +281,7 @@ def test_a_refusal_names_the_runtime_whose_build_would_fit(tmp_path):
     with pytest.raises(MemoryRefused) as refused:
         check_fits(plan, bound)
     assert "build needs" in refused.value.message and "nothing was started" in refused.value.message
-    assert "a runtime whose build fits: llama.cpp" in refused.value.hint
+    fits = refused.value.hint.split("a runtime whose build fits: ")[1].split(";")[0]
+    assert "llama.cpp (~" in fits and "itrex (~" in fits  # itrex's RTN build runs layer by layer too
+    assert "onnxruntime-genai" not in fits
     check_fits(plan, bound, force=True)

@@ -61,13 +61,33 @@ def inc_settings(quant: dict) -> dict[str, Any]:
     if algorithm != "teq":  # TEQ has no clip search (mse_range is refused)
         settings["use_mse_search"] = quant["mse_range"]
     if algorithm in ("rtn", "awq", "gptq"):
-        settings["use_layer_wise"] = False  # RTN defaults to layer-wise mode, which needs a checkpoint path
+        # in the build key as it always was; the child still quantizes RTN layer by layer where it can
+        # (engine/runtimes/itrex_build.py: the same bytes as the whole-model build, docs/memory.md)
+        settings["use_layer_wise"] = False
     if algorithm == "awq":  # as ITREX: scale search, AWQ's own clip search, scales folded into the previous layer
         settings.update(use_auto_scale=True, use_auto_clip=True, folding=True)
     if algorithm == "teq":
         settings["folding"] = True
     settings["quant_lm_head"] = False  # ITREX kept lm_head in full precision
     return settings
+
+
+def layer_wise_build(params: dict) -> bool:
+    """Whether the build child quantizes layer by layer: RTN on a causal LM (INC's layer-wise mode
+    makes the same bytes there, tests/test_runtime_itrex.py; its loader does not handle the encoder
+    and seq2seq checkpoints, and AWQ/TEQ/GPTQ calibrate on the whole model)."""
+    return params.get("algorithm", "rtn") == "rtn" and params.get("_task", DEFAULT_TASK) == DEFAULT_TASK
+
+
+def packed_bytes(facts: Any, params: dict) -> int:
+    """INC's packed decoder layers: the low-bit weights in int32 words, a scale per group (fp16 for
+    int, fp32 for nf4/fp4), a packed zero point per group when asymmetric."""
+    inc = params.get("inc") or {"dtype": "int", "bits": 4, "group_size": 32, "use_sym": True}
+    group = inc["group_size"] if inc["group_size"] > 0 else max(facts.hidden_size, 1)
+    per = inc["bits"] / 8 + (2 if inc["dtype"] == "int" else 4) / group
+    if not inc.get("use_sym", True):
+        per += inc["bits"] / 8 / group
+    return int(per * (facts.params - facts.outer_params))
 
 
 def mapping_rows(quant: dict) -> list[list[Any]]:
@@ -149,12 +169,35 @@ class ItrexRuntime(Runtime):
         return []
 
     def build_memory(self, facts: Any, params: dict) -> Any:
-        """Intel Neural Compressor quantizes the fp32 PyTorch model in place and packs each linear
-        layer (the packed int weights and scales beside the fp32 ones while a layer is packed)."""
+        """RTN on a causal LM runs layer by layer (INC's layer-wise mode, see layer_wise_build): the
+        packed layers, the unquantized embeddings and lm_head in fp32, one decoder layer in fp32 with
+        its quantization temporaries; at the reload check the saved artifact is mapped as well.
+        AWQ, TEQ, GPTQ and the other tasks quantize the whole fp32 model in place (packed weights
+        beside it while a layer is packed)."""
         from ..memory import TORCH_BASE, Estimate
 
-        return Estimate(TORCH_BASE + int(4.5 * facts.params), facts.stored_bytes,
-                        "INC holds the model in fp32 (not measured at scale)")
+        if not layer_wise_build(params):
+            return Estimate(TORCH_BASE + int(4.5 * facts.params), facts.stored_bytes,
+                            "INC holds the model in fp32 (AWQ/TEQ/GPTQ and non-causal tasks: not layer-wise)")
+        packed, outer = packed_bytes(facts, params), 4 * facts.outer_params
+        stored_outer = facts.stored_bytes * facts.outer_params // max(facts.params, 1)
+        # the peak is the reload check: INC's load reads the whole artifact into memory (packed layers
+        # and the stored embeddings) and builds the packed layers beside it; quantizing peaks lower, at
+        # the packed layers, the fp32 embeddings and one layer. Measured at Phi-3.5-mini's shapes.
+        reload = 2 * packed + outer + stored_outer
+        return Estimate(TORCH_BASE + max(reload, packed + outer + 4 * facts.layer_params), 0,
+                        "RTN layer by layer: peak at the reload check (the artifact read beside the packed model)")
+
+    def eval_memory(self, facts: Any, params: dict, window: int) -> Any:
+        """Without IPEX each packed layer is unpacked at its first forward and kept: in 16 bits here
+        (itrex_build.keep_unpacked_16bit; INC itself keeps fp32), beside the packed layers, the
+        embeddings and lm_head in fp32, one layer upcast to fp32 while it runs, one window's logits."""
+        from ..memory import TORCH_BASE, Estimate, logits_bytes
+
+        layers = facts.params - facts.outer_params
+        resident = 2 * layers + packed_bytes(facts, params) + 4 * facts.outer_params + 4 * facts.layer_params
+        return Estimate(TORCH_BASE + resident + logits_bytes(facts, window), 0,
+                        "packed layers kept unpacked in 16 bits after their first forward (no IPEX)")
 
     def build(self, source_dir: Path, out_dir: Path, params: dict, logs_dir: Path,
               progress: Progress) -> dict:
@@ -162,13 +205,15 @@ class ItrexRuntime(Runtime):
             "source_dir": str(source_dir), "out_dir": str(out_dir), "algorithm": params["algorithm"],
             "inc": params["inc"], "skip_modules": params["fp32_modules"], "itrex": params["_itrex"],
             "seed": params.get("teq", {}).get("seed", 0), "teq": params.get("teq"),
-            "task": params.get("_task", DEFAULT_TASK),
+            "task": params.get("_task", DEFAULT_TASK), "layer_wise": layer_wise_build(params),
         }
         if "_calibration" in params:
             job["calibration_texts"] = load_texts(params["_calibration"], Path(params["_base_dir"]))
             job["seq_len"] = params["calibration"]["seq_len"]
+        # a fixed mmap threshold: glibc's adaptive one keeps freed layer-sized blocks in the heap,
+        # and the peak then grows with every layer unpacked or quantized instead of staying at one
         result = run_job("engine.runtimes.itrex_build", job, logs_dir, on_line=progress,
-                         env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
+                         env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "MALLOC_MMAP_THRESHOLD_": "1048576"},
                          what="itrex quantization (neural-compressor)")
         return {
             "implementation": "neural-compressor-pt", "api": "neural_compressor.torch.quantization",
