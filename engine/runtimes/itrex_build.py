@@ -84,7 +84,6 @@ def run(job: dict) -> dict:
     probe_ids = tokenizer(PROBE_TEXT)["input_ids"][:32]
     # layer by layer, the probe is taken from the reloaded artifact only: the in-memory model's probe
     # differed from the reloaded one in 3 of ~10 layer-wise builds (77 M and 3.8 B parameters) while the
-    # saved bytes equalled the whole-model build's; not understood yet (docs/memory.md)
     # saved bytes equalled the whole-model build's; not understood yet (docs/memory.md). The pass still
     # runs: INC's first forward upcasts the packed layers' bias buffers to fp32, which the save keeps
     in_memory = logits_digest(model, probe_ids, model_task)  # one layer unpacked at a time
