@@ -79,6 +79,9 @@ def test_formulas_against_the_measurements_at_phi35_scale():
     # RssAnon 4.09 GB at the end (VmHWM 8.94 GB), plus the 0.40 GB torch adds to the engine's process
     scoring_8b = get_runtime("llama.cpp").eval_memory(facts_from_config(LLAMA3_8B), {"ftype": "Q4_K_M"}, 128)
     assert within(scoring_8b.anonymous, (4.09 + 0.40) * GB), memory.gb(scoring_8b.anonymous)
+    # an itrex int4 variant of Phi-3.5-mini's shapes scored (2 windows of 128) in the engine's process: 19.99 GB RssAnon
+    itrex = get_runtime("itrex").eval_memory(facts, {}, 128)
+    assert within(itrex.anonymous, 19.99 * GB), memory.gb(itrex.anonymous)
 
 
 #: builds measured with benchmarks/build_peak.py (the runtime's own build_params and build, random bf16

@@ -189,15 +189,17 @@ class ItrexRuntime(Runtime):
                         "RTN layer by layer: peak at the reload check (the artifact read beside the packed model)")
 
     def eval_memory(self, facts: Any, params: dict, window: int) -> Any:
-        """Without IPEX each packed layer is unpacked at its first forward and kept: in 16 bits here
-        (itrex_build.keep_unpacked_16bit; INC itself keeps fp32), beside the packed layers, the
-        embeddings and lm_head in fp32, one layer upcast to fp32 while it runs, one window's logits."""
+        """Without IPEX each packed layer is unpacked at its first forward and kept. Measured at
+        Phi-3.5-mini's shapes (int4, scoring 2 windows of 128 in the engine's process): 19.99 GB owned,
+        i.e. the unpacked layers in fp32 beside the packed ones (twice K), the embeddings and lm_head in
+        fp32 and one layer's temporaries; itrex_build.keep_unpacked_16bit did not halve it there (not
+        understood: docs/memory.md)."""
         from ..memory import TORCH_BASE, Estimate, logits_bytes
 
         layers = facts.params - facts.outer_params
-        resident = 2 * layers + packed_bytes(facts, params) + 4 * facts.outer_params + 4 * facts.layer_params
+        resident = 4 * layers + 2 * packed_bytes(facts, params) + 4 * facts.outer_params + 4 * facts.layer_params
         return Estimate(TORCH_BASE + resident + logits_bytes(facts, window), 0,
-                        "packed layers kept unpacked in 16 bits after their first forward (no IPEX)")
+                        "packed layers kept unpacked in fp32 after their first forward (no IPEX; measured)")
 
     def build(self, source_dir: Path, out_dir: Path, params: dict, logs_dir: Path,
               progress: Progress) -> dict:
