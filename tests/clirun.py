@@ -64,3 +64,15 @@ def python_json(code: str, cwd: Path) -> dict:
                           timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def make_synthetic_in_child(spec: dict, folder: Path) -> Path:
+    """A seeded synthetic model (engine.synthetic, defaults filled in) written by a fresh child, as the
+    engine makes it, so the test process imports no torch for it."""
+    import json
+
+    subprocess.run([sys.executable, "-c", "import sys, json; from pathlib import Path; "
+                    "from engine.synthetic import make_synthetic_model, with_defaults; "
+                    "make_synthetic_model(with_defaults(json.loads(sys.argv[1])), Path(sys.argv[2]))",
+                    json.dumps(spec), str(folder)], check=True, capture_output=True)
+    return folder

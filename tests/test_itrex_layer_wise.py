@@ -15,6 +15,7 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
+from clirun import make_synthetic_in_child
 
 from engine.discovery import get_runtime
 from engine.memory import GB, facts_from_config, facts_from_folder, gb
@@ -118,11 +119,7 @@ def big_model(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("big") / "model"
     spec = with_defaults({"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 6,
                           "num_attention_heads": 8})
-    subprocess.run([sys.executable, "-c", "import sys, json; from pathlib import Path; "
-                    "from engine.synthetic import make_synthetic_model; "
-                    "make_synthetic_model(json.loads(sys.argv[1]), Path(sys.argv[2]))", json.dumps(spec),
-                    str(folder)], check=True, capture_output=True)
-    return folder
+    return make_synthetic_in_child(spec, folder)
 
 
 def test_layer_wise_build_peak_stays_below_the_whole_model_build(big_model, tmp_path):

@@ -10,7 +10,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from clirun import engine
+from clirun import engine, make_synthetic_in_child
 
 from engine import memory
 from engine.discovery import get_runtime
@@ -164,11 +164,7 @@ def big_model(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("big") / "model"
     spec = with_defaults({"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 8,
                           "num_attention_heads": 8})
-    subprocess.run([sys.executable, "-c", "import sys, json; from pathlib import Path; "
-                    "from engine.synthetic import make_synthetic_model; "
-                    "make_synthetic_model(json.loads(sys.argv[1]), Path(sys.argv[2]))", json.dumps(spec),
-                    str(folder)], check=True, capture_output=True)
-    return folder
+    return make_synthetic_in_child(spec, folder)
 
 
 def reference_peak(folder: Path, out: Path, streamed: bool) -> tuple[int, float]:

@@ -3,13 +3,11 @@ same log-probabilities, same perplexity, on the architectures we ship (phi3, lla
 both share the reference step's key; the plan switches to it only where the whole pass would not fit."""
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from clirun import make_synthetic_in_child
 
 from engine.admission import choose_reference_pass
 from engine.evaluation import compute_reference
@@ -27,11 +25,7 @@ PPL_REL, LOGPROB_ABS = 1e-4, 1e-5
 
 def _synthetic_llama(folder: Path) -> Path:
     spec = {"architecture": "llama", "hidden_size": 128, "num_hidden_layers": 3, "num_attention_heads": 4}
-    subprocess.run([sys.executable, "-c", "import sys, json; from pathlib import Path; "
-                    "from engine.synthetic import make_synthetic_model, with_defaults; "
-                    "make_synthetic_model(with_defaults(json.loads(sys.argv[1])), Path(sys.argv[2]))",
-                    json.dumps(spec), str(folder)], check=True, capture_output=True)
-    return folder
+    return make_synthetic_in_child(spec, folder)
 
 
 def _models(tmp_path: Path) -> list[Path]:
